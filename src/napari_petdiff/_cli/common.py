@@ -1,0 +1,71 @@
+"""Shared CLI helpers: a text progress bar and Params -> argparse options."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..engine.params import field_type, fields_of
+from ..engine.run import Progress, RunWarning
+
+
+class ProgressBar:
+    """Prints run-protocol Progress events as one updating line on stderr."""
+
+    def __init__(self, stream=None, width: int = 30):
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.t0 = time.monotonic()
+        self._last = 0.0
+
+    def __call__(self, ev) -> None:
+        if isinstance(ev, RunWarning):
+            self.stream.write(f"\nwarning: {ev.message}\n")
+            return
+        if not isinstance(ev, Progress):
+            return
+        now = time.monotonic()
+        if ev.step < ev.total and now - self._last < 0.1:
+            return
+        self._last = now
+        frac = ev.step / max(ev.total, 1)
+        bar = "#" * int(frac * self.width)
+        self.stream.write(f"\r[{bar:<{self.width}}] {ev.step}/{ev.total} {ev.message[:50]:<50} "
+                          f"{now - self.t0:6.1f}s")
+        if ev.step >= ev.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def close(self):
+        self.stream.write("\n")
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_params_options(parser: argparse.ArgumentParser, params_cls) -> None:
+    for f in fields_of(params_cls):
+        t = field_type(params_cls, f)
+        m = f.metadata
+        unit = f" [{m['unit']}]" if m.get("unit") else ""
+        rng = ""
+        if m.get("min") is not None or m.get("max") is not None:
+            rng = f" (range {m.get('min', '')}..{m.get('max', '')})"
+        help_ = f"{m.get('help', '')}{unit}{rng}; default {f.default!r}"
+        kwargs = {"dest": f.name, "default": f.default, "help": help_}
+        if t is bool:
+            kwargs["type"] = _bool
+        elif t in (int, float, str):
+            kwargs["type"] = t
+        if m.get("choices"):
+            kwargs["choices"] = list(m["choices"])
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def params_from_namespace(params_cls, ns) -> dict:
+    return {f.name: getattr(ns, f.name) for f in fields_of(params_cls)}

@@ -1,0 +1,124 @@
+"""Small Qt pieces shared by the widgets: viewer-event wiring that dies with the widget, pickers."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QComboBox, QWidget
+
+from .layers import KEY_SOURCE, acquisition_layers, acquisition_of
+
+
+def connect_while_alive(widget: QWidget, emitter, callback: Callable) -> None:
+    """Connect a napari event to ``callback`` and disconnect it when ``widget`` is destroyed.
+
+    napari would otherwise keep calling into a deleted Qt object after the dock is closed.
+    """
+    alive = [True]
+
+    def relay(*args):
+        if alive[0]:
+            try:
+                callback(*args)
+            except RuntimeError as exc:
+                if "deleted" not in str(exc):
+                    raise
+                alive[0] = False
+
+    emitter.connect(relay)
+
+    def on_destroyed(*_):
+        alive[0] = False
+        try:
+            emitter.disconnect(relay)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+
+    widget.destroyed.connect(on_destroyed)
+    # The relay must live as long as the connection (napari keeps only a weak ref to some callables).
+    widget.__dict__.setdefault("_petdiff_relays", []).append(relay)
+
+
+def layer_events(viewer):
+    ev = viewer.layers.events
+    return [ev.inserted, ev.removed, ev.reordered]
+
+
+class LayerPicker(QComboBox):
+    """Combo box of viewer layers passing ``accept``; keeps its choice across layer changes."""
+
+    picked = Signal()
+
+    def __init__(self, viewer, accept: Callable, none_label: Optional[str] = None, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.accept = accept
+        self.none_label = none_label
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+        for em in layer_events(viewer):
+            connect_while_alive(self, em, lambda *_: self.refresh())
+        self.currentIndexChanged.connect(lambda *_: self.picked.emit())
+        self.refresh()
+
+    def names(self) -> list[str]:
+        return [lay.name for lay in self.viewer.layers if self.accept(lay)]
+
+    def refresh(self) -> None:
+        cur = self.currentText()
+        names = self.names()
+        items = ([self.none_label] if self.none_label is not None else []) + names
+        if items == [self.itemText(i) for i in range(self.count())]:
+            return
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(items)
+        if cur in items:
+            self.setCurrentIndex(items.index(cur))
+        elif names:
+            self.setCurrentIndex(items.index(names[-1]))  # the newest layer
+        self.blockSignals(False)
+        self.picked.emit()
+
+    def layer(self):
+        name = self.currentText()
+        if not name or name == self.none_label or name not in self.viewer.layers:
+            return None
+        return self.viewer.layers[name]
+
+    def select(self, name: str) -> bool:
+        i = self.findText(name)
+        if i >= 0:
+            self.setCurrentIndex(i)
+            return True
+        return False
+
+
+class AcquisitionPicker(LayerPicker):
+    """Acquisition layers; follows the viewer's selection when an acquisition (or its image) is selected."""
+
+    def __init__(self, viewer, parent=None):
+        super().__init__(viewer, lambda lay: acquisition_of(lay) is not None, None, parent)
+        connect_while_alive(self, viewer.layers.selection.events.active, self._follow)
+
+    def _follow(self, event=None) -> None:
+        active = self.viewer.layers.selection.active
+        if active is None:
+            return
+        if acquisition_of(active) is not None:
+            self.select(active.name)
+            return
+        src = active.metadata.get(KEY_SOURCE) if hasattr(active, "metadata") else None
+        if src:
+            for lay in acquisition_layers(self.viewer.layers):
+                if lay.metadata.get(KEY_SOURCE) == src:
+                    self.select(lay.name)
+                    return
+
+    def acquisition(self):
+        lay = self.layer()
+        return None if lay is None else acquisition_of(lay)
+
+    def source_name(self) -> Optional[str]:
+        lay = self.layer()
+        return None if lay is None else lay.metadata.get(KEY_SOURCE, lay.name)

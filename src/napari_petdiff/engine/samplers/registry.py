@@ -1,0 +1,16 @@
+"""Registers the diffusion samplers (imported by engine.methods)."""
+from ..methods import MethodSpec, register
+from .dds import DDSParams, run_dds
+from .lisch import LiSchParams, run_lisch
+
+register(MethodSpec("dds", run_dds, DDSParams,
+                    "PET-DDS: Tweedie estimate + K EM-preconditioned data-consistency steps per diffusion step",
+                    family="diffusion", samples=True))
+register(MethodSpec("lisch", run_lisch, LiSchParams,
+                    "PET-LiSch: data consistency scheduled to the MLEM likelihood curve (one critical knob)",
+                    family="diffusion", samples=True))
+from .dps import DPSParams, run_dps  # noqa: E402
+
+register(MethodSpec("dps", run_dps, DPSParams,
+                    "DPS: diffusion posterior sampling by gradient steps through the network (baseline)",
+                    family="diffusion", samples=True))

@@ -1,0 +1,88 @@
+"""Reader, writer and manifest: layers land on the image grid, and the NIfTI affine survives a round trip."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_petdiff._reader import get_reader
+from napari_petdiff._widgets.layers import KEY_ACQ, KEY_PATH, KEY_ROLE
+from napari_petdiff._writer import write_nifti_layer
+from napari_petdiff.engine.grid import ImageGrid
+from napari_petdiff.engine.io import read_nifti, save_acquisition, write_nifti
+
+from .conftest import add_layer_data, small_scan
+
+
+def test_nifti_round_trip_keeps_the_affine(tmp_path):
+    from napari.components import ViewerModel
+
+    grid = ImageGrid((3, 5, 4), (2.5, 1.5, 1.25), (-10.0, 3.0, 7.5))
+    img = np.random.default_rng(0).random(grid.shape).astype(np.float32)
+    src = write_nifti(tmp_path / "in.nii.gz", img, grid)
+    reader = get_reader(str(src))
+    assert reader is not None
+    viewer = ViewerModel()
+    (layer,) = add_layer_data(viewer, reader(str(src)))
+    np.testing.assert_allclose(layer.scale, grid.voxel_size)
+    np.testing.assert_allclose(layer.translate, grid.origin)
+    np.testing.assert_array_equal(layer.data, img)
+    data, meta, _ = layer.as_layer_data_tuple()
+    (out,) = write_nifti_layer(str(tmp_path / "out.nii"), data, meta)
+    np.testing.assert_allclose(nib.load(out).affine, nib.load(str(src)).affine)
+    arr, grid2 = read_nifti(out)
+    assert grid2.matches(grid)
+    np.testing.assert_array_equal(arr, img)
+
+
+def test_writer_adds_suffix_and_handles_2d_layers(tmp_path):
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    (out,) = write_nifti_layer(str(tmp_path / "slice"), data, {"scale": (2.0, 3.0), "translate": (1.0, -4.0)})
+    assert out.endswith(".nii.gz")
+    arr, grid = read_nifti(out)
+    assert arr.shape == (1, 3, 4)
+    assert grid.voxel_size[1:] == (2.0, 3.0) and grid.origin[1:] == (1.0, -4.0)
+
+
+def test_writer_refuses_rotated_layers_and_sinograms(tmp_path):
+    data = np.ones((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="rotate"):
+        write_nifti_layer(str(tmp_path / "r.nii"), data, {"scale": (1, 1, 1), "translate": (0, 0, 0),
+                                                          "rotate": [[0, -1, 0], [1, 0, 0], [0, 0, 1]]})
+    with pytest.raises(ValueError, match="sinogram"):
+        write_nifti_layer(str(tmp_path / "p.nii"), data, {"metadata": {KEY_ROLE: "prompts"}})
+
+
+def test_acquisition_reader_gives_prompts_with_acquisition_and_reference_images(tmp_path):
+    acq, truth = small_scan()
+    path = save_acquisition(tmp_path / "scan.petacq", acq, {"truth": truth})
+    reader = get_reader(str(path))
+    layers = reader(str(path))
+    by_name = {kw["name"]: (data, kw, kind) for data, kw, kind in layers}
+    assert set(by_name) == {"scan prompts", "scan truth"}
+    data, kw, kind = by_name["scan prompts"]
+    assert kind == "image" and data.shape == tuple(acq.prompts.shape)
+    loaded = kw["metadata"][KEY_ACQ]
+    assert loaded.grid.matches(acq.grid) and float(loaded.prompts.sum()) == float(acq.prompts.sum())
+    assert Path(kw["metadata"][KEY_PATH]) == Path(path).resolve()
+    data, kw, kind = by_name["scan truth"]
+    np.testing.assert_allclose(data, truth.numpy())
+    assert tuple(kw["scale"]) == acq.grid.voxel_size and tuple(kw["translate"]) == acq.grid.origin
+    assert kw["metadata"][KEY_ROLE] == "truth"
+
+
+def test_reader_declines_other_files():
+    assert get_reader("image.tif") is None
+    assert get_reader(["a.nii", "b.nii"]) is None
+
+
+def test_manifest_validates_with_imports():
+    npe2 = Path(sys.executable).with_name("npe2")
+    res = subprocess.run([str(npe2), "validate", "napari-petdiff", "--imports"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "valid" in res.stdout
