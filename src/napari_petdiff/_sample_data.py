@@ -30,3 +30,16 @@ def brain2d() -> list[tuple]:
 def brain3d() -> list[tuple]:
     """3-D brain FDG volume, 64 slices; 6.4e6 expected trues (1e5 per slice)."""
     return scan_layers("brain3d", 6.4e6)
+
+
+@lru_cache(maxsize=1)
+def _dynamic_scan(name: str, counts: float, seed: int):
+    from .engine.kinetics.simulate import make_dynamic_scan
+
+    return make_dynamic_scan(name, counts=counts, seed=seed)
+
+
+def brain2d_dynamic() -> list[tuple]:
+    """Dynamic 2-D FDG brain scan (35 frames over 60 min, 1e6 trues) with true Ki and intercept images."""
+    acq, images = _dynamic_scan("brain2d", 1e6, 0)
+    return acquisition_layer_data(acq, images, name="brain2d-dynamic")

@@ -53,7 +53,7 @@ def test_lisch_targets_interpolate_the_mlem_curve(small_acq):
 
 def test_unreachable_target_warns(small_acq, use_tiny):
     events = []
-    res = reconstruct(small_acq.acquisition, "lisch", prior=use_tiny, steps=4, target_iteration=400.0,
+    res = reconstruct(small_acq.acquisition, "lisch", prior=use_tiny, steps=4, target_iteration=100.0,
                       max_updates=1, on_event=events.append)
     assert any(isinstance(e, RunWarning) and "could not reach" in e.message for e in events)
     assert any("could not reach" in w for w in res.warnings)
@@ -133,3 +133,17 @@ def test_bad_requests_get_clear_errors(small_acq, use_tiny, small_setup):
     with pytest.raises(ValueError) as ei:
         reconstruct(sim.acquisition, "lisch", prior=use_tiny, steps=2)
     assert "48" in str(ei.value) and "32" in str(ei.value)
+
+
+def test_dps_data_steps_raise_the_likelihood(small_acq, use_tiny):
+    kw = dict(prior=use_tiny, steps=8, eta=0.0, seed=3)
+    free = reconstruct(small_acq.acquisition, "dps", zeta=0.0, **kw)
+    guided = reconstruct(small_acq.acquisition, "dps", zeta=2.0, **kw)
+    assert guided.metadata["per_sample_likelihood"][0] > free.metadata["per_sample_likelihood"][0]
+
+
+def test_dds_subsets_and_anchor_run_and_stay_non_negative(small_acq, use_tiny):
+    res = reconstruct(small_acq.acquisition, "dds", prior=use_tiny, steps=3, dc_iterations=2, subsets=4,
+                      anchor=0.5)
+    assert (res.mean >= 0).all() and float(res.mean.sum()) > 0
+    assert res.metadata["scale"] > 0

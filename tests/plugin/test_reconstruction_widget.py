@@ -179,3 +179,32 @@ def test_target_iteration_gets_the_likelihood_plot(qtbot, widget):
     assert widget.target_plot.target_value() == pytest.approx(-1.75)
     widget.set_method("fake")
     assert not widget.target_box.isVisibleTo(widget)
+
+
+def test_likelihood_curve_is_computed_from_mlem(qtbot, fake_methods):
+    from napari.components import ViewerModel
+
+    from napari_petdiff._widgets.layers import acquisition_layer_data
+    from napari_petdiff.engine.classical import mlem_iterates
+    from napari_petdiff.engine.likelihood import PoissonLikelihood
+
+    from .conftest import add_layer_data, small_scan
+
+    viewer = ViewerModel()
+    acq, truth = small_scan()
+    add_layer_data(viewer, acquisition_layer_data(acq, {"truth": truth}, name="small"))
+    w = ReconstructionWidget(viewer)
+    qtbot.addWidget(w)
+    with qtbot.waitSignal(w.target_plot.curve_ready, timeout=TIMEOUT):
+        w.set_method("fake-target")
+    values = w.target_plot.values
+    assert len(values) == 31  # x_0 .. x_30: max(2 x target, 30) iterations
+    lik = PoissonLikelihood(acq, 1)
+    expected = [float(lik.value(x)) for _, x in mlem_iterates(lik, 4)]
+    assert values[:5] == pytest.approx(expected, rel=1e-6)
+    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(values[1:], values[2:]))  # EM never decreases L
+    assert w.target_plot.target_value() == pytest.approx(values[4])
+    # a target beyond the computed curve extends it
+    with qtbot.waitSignal(w.target_plot.curve_ready, timeout=TIMEOUT):
+        w.form.set_value("target_iteration", 20.0)
+    assert len(w.target_plot.values) == 41

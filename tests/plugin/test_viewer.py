@@ -8,6 +8,7 @@ import pytest
 from qtpy.QtCore import QCoreApplication, QEvent
 
 from napari_petdiff._widgets import run_session
+from napari_petdiff._widgets.comparison import grid_of
 from napari_petdiff._widgets.layers import acquisition_layer_data
 
 from .conftest import add_layer_data, small_scan
@@ -41,14 +42,17 @@ def test_osem_run_in_docked_widget(qtbot, viewer_with_scan):
     assert "osem std" not in viewer.layers  # OSEM has no posterior
     assert float(mean.data.max()) > 0
     lo, hi = mean.contrast_limits
-    assert hi > lo
+    assert lo < hi <= float(mean.data.max())
+    # the status and progress show the end of the run, not a late progress event
+    assert "osem done" in w.status.text()
+    assert w.progress.value() == w.progress.maximum()
 
 
 def test_closing_dock_mid_run_is_safe(qtbot, viewer_with_scan, fake_methods):
     viewer = viewer_with_scan
     dock, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Reconstruction")
     w.set_method("fake")
-    w.form.set_values({"steps": 60, "delay": 0.01})
+    w.form.set_values({"steps": 30, "delay": 0.01})
     with qtbot.waitSignal(w.live_updated, timeout=TIMEOUT):
         w.run_button.click()
     session = w.session
@@ -89,3 +93,20 @@ def test_sample_data_opens_with_truth_and_acquisition(make_napari_viewer):
     np.testing.assert_allclose(truth.translate, acq.grid.origin)
     assert prompts.data.shape == tuple(acq.prompts.shape)
     assert "brain2d mu" in viewer.layers and "brain2d brain mask" in viewer.layers
+
+
+def test_comparison_grid_in_docked_widget(qtbot, viewer_with_scan):
+    """Through the dock the widget sees napari's layer proxies: visibility and links must still work."""
+    viewer = viewer_with_scan
+    _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Comparison")
+    w.set_checked(["mlem", "osem"])
+    w.forms["mlem"].set_values({"iterations": 1})
+    w.forms["osem"].set_values({"iterations": 1, "subsets": 2})
+    with qtbot.waitSignal(w.comparison_finished, timeout=TIMEOUT):
+        w.run_button.click()
+    assert grid_of(viewer).enabled
+    visible = {lay.name for lay in viewer.layers if lay.visible}
+    assert visible == {"small truth", "mlem mean", "osem mean"}
+    viewer.layers["osem mean"].contrast_limits = (0.0, 0.5)
+    assert tuple(viewer.layers["mlem mean"].contrast_limits) == (0.0, 0.5)
+    assert w.table.rowCount() == 2

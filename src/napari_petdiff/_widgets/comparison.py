@@ -29,23 +29,34 @@ from .settings import SETTINGS
 log = logging.getLogger(__name__)
 
 COLUMNS = ("method", "NRMSE", "PSNR (dB)", "SSIM", "ROI mean", "ROI CoV (%)", "time (s)")
+HEADERS = ("method", "NRMSE", "PSNR dB", "SSIM", "ROI mean", "ROI CoV %", "time s")
 DEFAULT_CHECKED = ("osem", "map-rdp")
 
 
-def compute_metrics(image: np.ndarray, reference: Optional[np.ndarray], mask: Optional[np.ndarray]) -> dict:
-    """The table row of one image: reference metrics from engine.metrics, ROI statistics here."""
+def compute_metrics(image: np.ndarray, reference: Optional[np.ndarray], mask: Optional[np.ndarray],
+                    support: Optional[np.ndarray] = None) -> dict:
+    """The table row of one image: engine.metrics against the reference (inside ``support``, e.g. the
+    brain mask, when given), mean / CoV inside the drawn region ``mask``."""
     out = {}
     img = np.asarray(image, np.float32)
     if reference is not None:
         from ..engine import metrics
 
         ref = np.asarray(reference, np.float32).reshape(img.shape)
-        out["NRMSE"] = float(metrics.nrmse(img, ref))
-        out["PSNR (dB)"] = float(metrics.psnr(img, ref))
-        out["SSIM"] = float(metrics.ssim(img, ref))
+        sup = None if support is None else np.asarray(support).reshape(img.shape) > 0
+        out["NRMSE"] = float(metrics.nrmse(img, ref, sup))
+        out["PSNR (dB)"] = float(metrics.psnr(img, ref, sup))
+        out["SSIM"] = float(metrics.ssim(img, ref, sup))
     if mask is not None:
         out["ROI mean"], out["ROI CoV (%)"] = roi_stats(img, mask)
     return out
+
+
+def grid_of(viewer):
+    """The viewer's grid settings (``viewer.canvas.grid`` from napari 0.9, ``viewer.grid`` before)."""
+    canvas = getattr(viewer, "canvas", None)
+    grid = getattr(canvas, "grid", None)
+    return grid if grid is not None else viewer.grid
 
 
 def _is_image(lay) -> bool:
@@ -87,6 +98,7 @@ class ComparisonWidget(QWidget):
         self.method_list = QListWidget()
         self.method_list.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.method_list.setMaximumWidth(130)
+        self.method_list.setMaximumHeight(150)
         self.form_stack = QStackedWidget()
         for spec in list_methods(kind="static"):
             item = QListWidgetItem(spec.name)
@@ -98,8 +110,8 @@ class ComparisonWidget(QWidget):
             form = ParamForm(spec.params)
             self.forms[spec.name] = form
             self.form_stack.addWidget(form)
-        ml.addWidget(self.method_list)
-        ml.addWidget(self.form_stack, 1)
+        ml.addWidget(self.method_list, 0, Qt.AlignmentFlag.AlignTop)
+        ml.addWidget(self.form_stack, 1, Qt.AlignmentFlag.AlignTop)
         lay.addWidget(mbox)
         self.method_list.currentRowChanged.connect(self.form_stack.setCurrentIndex)
         self.method_list.setCurrentRow(0)
@@ -131,10 +143,12 @@ class ComparisonWidget(QWidget):
         self.status.setWordWrap(True)
         lay.addWidget(self.status)
         self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setHorizontalHeaderLabels(HEADERS)
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.setToolTip("NRMSE / PSNR / SSIM against the reference, inside the acquisition's brain mask "
+                              "when it has one; ROI mean and CoV inside the chosen region")
         self.table.setMinimumHeight(120)
         lay.addWidget(self.table)
 
@@ -293,12 +307,18 @@ class ComparisonWidget(QWidget):
         shown = ([ref] if ref is not None else []) + results
         if self.side_by_side.isChecked() and shown:
             region = self.roi_picker.layer()
+            # Compare by name: a docked widget sees layers through napari's proxies, so `is` fails.
+            names = {s.name for s in shown}
             for lay in self.viewer.layers:
-                lay.visible = any(lay is s for s in shown)
+                lay.visible = lay.name in names
             if region is not None:
                 region.visible = False  # in grid mode it would take a cell of its own
-            self.viewer.grid.enabled = True
+            grid_of(self.viewer).enabled = True
             self.viewer.reset_view()
+            # napari fills the grid from the bottom of the layer list: say which cell is which.
+            order = [lay.name for lay in self.viewer.layers if lay.name in names]
+            self.status.setText(self.status.text() + "; grid (left to right, top to bottom): "
+                                + ", ".join(n.removesuffix(" mean") for n in order))
         self._link_contrast(shown)
         self.update_metrics()
 
@@ -327,6 +347,11 @@ class ComparisonWidget(QWidget):
         mask = None
         errors = []
         results = self.result_layers()
+        support = None
+        brain = reference_layer(self.viewer.layers, self.acq_picker.source_name(), "brain_mask")
+        if brain is not None and results and np.asarray(brain.data).size == np.asarray(results[0].data).size:
+            support = np.asarray(brain.data)
+        self.support_used = support is not None
         if region is not None and results:
             try:
                 mask = roi_mask(region, results[0])
@@ -338,7 +363,7 @@ class ComparisonWidget(QWidget):
                 if ref_data is not None and ref_data.size != np.asarray(lay.data).size:
                     raise ValueError(f"the reference '{ref.name}' has shape {ref_data.shape}, the result "
                                      f"{np.asarray(lay.data).shape}: pick a reference on the same grid")
-                rows[method] = compute_metrics(np.asarray(lay.data), ref_data, mask)
+                rows[method] = compute_metrics(np.asarray(lay.data), ref_data, mask, support)
             except ValueError as exc:
                 rows[method] = {}
                 errors.append(f"{method}: {exc}")

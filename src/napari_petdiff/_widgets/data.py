@@ -151,7 +151,8 @@ class DataWidget(QWidget):
         self.info.setText(acq.describe())
         layer = self.picker.layer()
         # Selecting it makes the other widgets follow.
-        if self.viewer.layers.selection.active is not layer:
+        active = self.viewer.layers.selection.active
+        if active is None or active.name != layer.name:
             self.viewer.layers.selection.active = layer
 
     def open_dialog(self) -> None:

@@ -20,9 +20,10 @@ KEY_ROLE = "petdiff_role"
 KEY_SOURCE = "petdiff_source"
 KEY_GRID = "petdiff_grid"
 
-IMAGE_COLORMAPS = {"truth": "magma", "mu": "gray", "mr": "gray"}
+IMAGE_COLORMAPS = {"truth": "magma", "mu": "gray", "mr": "gray", "ki": "magma", "intercept": "magma",
+                   "ki_analytic": "magma"}
 # Shown on load; the others are there to toggle on (the top visible layer hides the rest).
-VISIBLE_ROLES = {"truth"}
+VISIBLE_ROLES = {"truth", "ki"}
 
 
 def to_numpy(a) -> np.ndarray:
@@ -147,19 +148,34 @@ def upsert_image(viewer, name: str, data: np.ndarray, grid: ImageGrid, metadata:
             layer.metadata.clear()
             layer.metadata.update(metadata)
         # kwargs (colormap, visibility) only style a new layer: keep what the user changed since.
-    layer.reset_contrast_limits()
+    robust_contrast(layer)
     return layer
 
 
-def result_layer_names(method: str) -> dict:
-    return {"mean": f"{method} mean", "std": f"{method} std", "samples": f"{method} samples",
+def robust_contrast(layer, percentile: float = 99.8) -> None:
+    """Contrast from the data (napari keeps old limits on ``layer.data = ...``), clipped at a high
+    percentile: a few hot noise voxels in a low-count PET image would otherwise make it look black."""
+    layer.reset_contrast_limits()
+    data = np.asarray(layer.data)
+    if data.size == 0:
+        return
+    lo = float(data.min())
+    hi = float(np.percentile(data, percentile))
+    if np.isfinite(hi) and hi > lo:
+        layer.contrast_limits = (lo, hi)
+
+
+def result_layer_names(method: str, mean_label: str = "mean") -> dict:
+    return {"mean": f"{method} {mean_label}", "std": f"{method} std", "samples": f"{method} samples",
             "live": f"{method} live"}
 
 
 def publish_result(viewer, method: str, result: dict, grid: ImageGrid, metadata: dict,
-                   keep_samples: bool = True) -> dict:
-    """Result arrays -> stable-named layers ``<method> mean/std/samples/<extra>``, in place on rerun."""
-    names = result_layer_names(method)
+                   keep_samples: bool = True, mean_label: str = "mean") -> dict:
+    """Result arrays -> stable-named layers ``<method> mean/std/samples/<extra>``, in place on rerun.
+
+    ``mean_label`` renames the main image (Patlak methods: ``<method> Ki``)."""
+    names = result_layer_names(method, mean_label)
     layers = {"mean": upsert_image(viewer, names["mean"], result["mean"], grid,
                                    dict(metadata, petdiff_output="mean"), colormap="magma")}
     if result.get("std") is not None:

@@ -112,6 +112,11 @@ class LikelihoodTargetPlot(QWidget):
         self._worker = worker
         worker.start()
 
+    @property
+    def busy(self) -> bool:
+        """True while a curve is being computed."""
+        return self._worker is not None
+
     def stop(self) -> None:
         if self._token is not None:
             self._token.cancel()

@@ -68,6 +68,8 @@ def roi_stats(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     vals = img[mask]
     if vals.size == 0:
         raise ValueError("the region is empty on this image grid: draw it over the image (in the same slice)")
+    from ..engine.metrics import background_cov
+
     mean = float(vals.mean())
-    cov = float(vals.std() / mean * 100.0) if mean != 0 else float("nan")
+    cov = float(background_cov(img, mask)) * 100.0 if mean != 0 else float("nan")
     return mean, cov

@@ -162,23 +162,25 @@ class RunSession:
                 raise
 
     def _on_yield(self, item) -> None:
+        # napari's progress bar processes Qt events while it updates, so the next queued events
+        # (even the result) can be handled *inside* this call: never act on an event that arrives
+        # after the outcome, and tell the listener before touching the progress bar.
+        if self.outcome is not None or self._cleaned:
+            return
         kind = item[0]
         if kind == "progress":
             _, step, total, msg = item
-            if self._pbar is not None:
-                if self._pbar.total != total:
-                    self._pbar.total = total
-                self._pbar.set_description(f"{self.spec.name}: {msg}")
-                delta = step - self._pbar.n
-                if delta:
-                    self._pbar.update(delta)
             self._call("on_progress", step, total, msg)
+            self._update_pbar(step, total, msg)
         elif kind == "live":
             _, img, step, label = item
             if self.token.cancelled or not self.show_live:
                 return
             upsert_image(self.viewer, self.live_name, img, self.acquisition.grid,
                          {"petdiff_output": "live", "petdiff_method": self.spec.name}, colormap="magma")
+            if self._cleaned:  # the run ended while the layer was being drawn
+                self._remove_live()
+                return
             self.n_live += 1
             self._call("on_live", step, label)
         elif kind == "sample":
@@ -186,15 +188,29 @@ class RunSession:
         elif kind == "warning":
             self._call("on_warning", item[1])
 
-    def _cleanup(self) -> None:
-        if self._cleaned:
+    def _update_pbar(self, step: int, total: int, msg: str) -> None:
+        pbar = self._pbar
+        if pbar is None or self._cleaned:
             return
-        self._cleaned = True
+        if pbar.total != total:
+            pbar.total = total
+        pbar.set_description(f"{self.spec.name}: {msg}")
+        delta = step - pbar.n
+        if delta and not self._cleaned:
+            pbar.update(delta)
+
+    def _remove_live(self) -> None:
         try:
             if self.live_name in self.viewer.layers:
                 self.viewer.layers.remove(self.live_name)
         except Exception:  # noqa: BLE001 - viewer already closed
             log.debug("could not remove the live layer", exc_info=True)
+
+    def _cleanup(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        self._remove_live()
         if self._pbar is not None:
             try:
                 self._pbar.close()

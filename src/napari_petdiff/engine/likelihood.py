@@ -149,11 +149,16 @@ class PoissonLikelihood:
 
     def em_step(self, x: torch.Tensor, subset: Optional[int] = None) -> torch.Tensor:
         """One MLEM update (one OSEM sub-iteration for a subset); zero outside the FOV."""
+        return self.em_step_and_value(x, subset)[0]
+
+    def em_step_and_value(self, x: torch.Tensor, subset: Optional[int] = None):
+        """(EM(x), L(x), A x + b) from one forward and one back projection."""
         self.check_image(x)
         p = self._part(subset)
         q = p.system.forward(x) + p.b
         back = p.system.back(p.y / q.clamp_min(_TINY))
-        return torch.where(self.fov, x / p.sens.clamp_min(_TINY) * back, torch.zeros_like(x))
+        em = torch.where(self.fov, x / p.sens.clamp_min(_TINY) * back, torch.zeros_like(x))
+        return em, self._value_from_q(q, p, x), q
 
     def em_direction(self, x: torch.Tensor, subset: Optional[int] = None) -> torch.Tensor:
         """EM(x) - x = (x / s) * grad L(x): the EM-preconditioned gradient."""
@@ -182,7 +187,8 @@ class PoissonLikelihood:
 
     # ---------------------------------------------------------- line search
     def line_search_to_target(self, x: torch.Tensor, d: torch.Tensor, target, alpha_max: float = 1.0,
-                              n_bisect: int = 40):
+                              n_bisect: int = 40, q0: Optional[torch.Tensor] = None,
+                              qd: Optional[torch.Tensor] = None):
         """Smallest step alpha in (0, alpha_max] along d with L(x + alpha d) >= target.
 
         Uses only two sinograms (A x + b and A d): every trial alpha costs vector ops.
@@ -190,8 +196,9 @@ class PoissonLikelihood:
         where the target is out of reach alpha maximises L on [0, alpha_max].
         """
         p = self._full
-        q0 = p.system.forward(x) + p.b
-        qd = p.system.forward(d)
+        # Callers that already hold A x + b (or A d) pass them in to save projections.
+        q0 = p.system.forward(x) + p.b if q0 is None else q0
+        qd = p.system.forward(d) if qd is None else qd
         data_dims = tuple(range(q0.ndim - p.y.ndim, q0.ndim))
         batch_shape = q0.shape[: q0.ndim - p.y.ndim]
         y = p.y.double()

@@ -51,6 +51,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_start: int = 50
+    ema_warmup: bool = True             # decay min(ema_decay, (1+k)/(10+k)), k steps after ema_start
     seed: int = 0
     bf16: bool = True
     channels_last: bool = True
@@ -172,6 +173,15 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """EMA decay after ``step`` steps; the warm-up keeps a short run's EMA from lagging far behind
+    (with a plain 0.999 it would still hold the weights of ~1000 steps ago)."""
+    if not cfg.ema_warmup:
+        return cfg.ema_decay
+    k = step - cfg.ema_start
+    return min(cfg.ema_decay, (1 + k) / (10 + k))
+
+
 # --- checkpoints ----------------------------------------------------------------------------------
 def _contig(sd: dict) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
@@ -273,7 +283,7 @@ def export_ema(cfg: TrainConfig, ema: dict, step: int, wall_s: float, loss_recen
         "training": {
             "loss_recent_mean": loss_recent, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "ema_decay": cfg.ema_decay,
-            "ema_start": cfg.ema_start, "grad_clip": cfg.grad_clip, "bf16_autocast": cfg.bf16,
+            "ema_start": cfg.ema_start, "ema_warmup": cfg.ema_warmup, "grad_clip": cfg.grad_clip, "bf16_autocast": cfg.bf16,
             "channels_last": cfg.channels_last, "seed": cfg.seed, "world_size": world,
             "slices_seen": step * cfg.batch_size, "loss": "MSE(eps, eps_theta(x_t, t)), t ~ U{0..T-1}",
             "data": cfg.data.to_dict(),
@@ -391,8 +401,9 @@ def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
                         for n, p in zip(names, params):
                             ema[n].copy_(p)
                     else:
+                        d = ema_decay_at(cfg, step)
                         for n, p in zip(names, params):
-                            ema[n].mul_(cfg.ema_decay).add_(p.detach(), alpha=1 - cfg.ema_decay)
+                            ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
                 stop_local = float(flag.set or (cancel is not None and cancel.cancelled))
                 red = dist.sum(torch.tensor([loss.item(), stop_local], dtype=torch.float64))
                 loss_g = float(red[0]) / dist.world

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -97,6 +98,7 @@ class _Bar:
     """tqdm on a terminal; plain lines (every 30 s) in a log file."""
 
     def __init__(self, total: int, initial: int, quiet: bool):
+        quiet = quiet or os.environ.get("RANK", "0") != "0"  # one bar per torchrun job
         self.quiet, self.total = quiet, total
         self.tqdm = None
         self._last = 0.0
@@ -144,7 +146,7 @@ def run_train(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    if summary and not args.quiet:
+    if summary and not args.quiet and os.environ.get("RANK", "0") == "0":
         print(f"stopped at step {summary['steps']}" if summary["stopped"] else f"done: {summary['steps']} steps",
               f"({summary['wall_time_s'] / 60:.1f} min total); checkpoint {summary['checkpoint']}; "
               f"prior {summary['export']}", flush=True)

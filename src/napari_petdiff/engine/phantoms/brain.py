@@ -120,14 +120,12 @@ def brain_phantom(dims: int = 2, shape=None, voxel_size_mm=2.0, slice_z_mm: floa
         "tissue_activity": values,
         "dims": dims,
         "slice_z_mm": float(slice_z_mm),
-        "deformation_seed": deformation_seed if isinstance(deformation_seed, (int, np.integer)) else None,
+        "deformation_seed": int(deformation_seed) if isinstance(deformation_seed, (int, np.integer)) else None,
         "deformation": field_params,
         "lesions": [les.to_dict() for les in lesions],
         "grid": grid.to_dict(),
         "units": {"activity": "relative (WM = 1)", "mu": "1/mm at 511 keV", "mr": "T1-like, ~[0, 1]"},
     }
-    if info["deformation_seed"] is not None:
-        info["deformation_seed"] = int(info["deformation_seed"])
     return Phantom(activity=activity, mu=t["mu"], mr=t["mr"], gm=t["gm"], wm=t["wm"], csf=t["csf"],
                    brain_mask=t["brain_mask"], lesion_masks=masks, grid=grid, info=info)
 

@@ -20,7 +20,7 @@ from ..grid import ImageGrid
 
 NODE_SPACING_MM = 16.0
 SMOOTHING_NODES = 1.5  # Gaussian sigma of the node noise (24 mm): deformations vary on ~5 cm scales
-BOX_HALF_MM = 160.0
+BOX_HALF_MM = 208.0  # holds any grid up to ~320 mm across (e.g. 128 x 2.5 mm); larger grids enlarge it
 # affine ranges per mm of strength (at the default 4 mm: +-5 deg in-plane, +-2 deg tilt,
 # +-5 % global and +-2 % per-axis scale, +-4 mm shift)
 _YAW_DEG, _TILT_DEG, _SCALE, _ANISO, _SHIFT = 1.25, 0.5, 0.0125, 0.005, 1.0
@@ -76,7 +76,7 @@ def random_deformation_field(shape, strength_mm: float = 4.0, voxel_size=2.0, se
         shp = (1,) + shp
     grid = ImageGrid(shp, tuple(np.broadcast_to(np.asarray(voxel_size, float), (3,))), origin)
     rng = np.random.default_rng(seed)
-    seed_desc = seed if isinstance(seed, (int, np.integer)) else None
+    seed_desc = int(seed) if isinstance(seed, (int, np.integer)) else None
 
     # draw everything in a fixed order whatever the options, so a seed always means the same field
     u = rng.uniform(-1.0, 1.0, size=10)

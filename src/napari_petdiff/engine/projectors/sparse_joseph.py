@@ -35,11 +35,12 @@ def trace_joseph_2d(p0: np.ndarray, p1: np.ndarray, grid: ImageGrid, chunk: int 
     """Joseph system matrix of in-plane segments p0 -> p1 ((N, 2) arrays, (y, x) mm) on ``grid``'s plane.
 
     Returns CSR arrays (indptr, indices, data) with float64 values in mm, shape (N, ny * nx), column
-    indices sorted within each row. Discretisation (shared with ``matrix_free``): principal axis = the
-    one crossing most voxel planes; at each plane centre c_j the segment's secondary coordinate is
-    computed from the plane index (never accumulated) and linearly interpolated between the two
-    neighbouring voxels; each plane counts with step length v_a |d| / |d_a| times the fraction of its
-    slab [c_j - v_a / 2, c_j + v_a / 2] that the segment covers (exact for segments ending inside).
+    indices sorted within each row. Discretisation (formula for formula the same as
+    ``matrix_free.joseph_samples``): principal axis = the one crossing most voxel planes; at each plane
+    centre c_j the segment's secondary voxel coordinate q0 + j * dq is computed from the plane index
+    (never accumulated) and linearly interpolated between the two neighbouring voxels; each plane counts
+    with step length v_a |d| / |d_a| times the fraction of its slab [c_j - v_a / 2, c_j + v_a / 2] that
+    the segment covers (exact for segments ending inside the image).
     """
     p0 = np.asarray(p0, dtype=np.float64).reshape(-1, 2)
     p1 = np.asarray(p1, dtype=np.float64).reshape(-1, 2)
@@ -63,13 +64,17 @@ def trace_joseph_2d(p0: np.ndarray, p1: np.ndarray, grid: ImageGrid, chunk: int 
             na, ns = int(shape[ax]), int(shape[s])
             va, vs, oa, os_ = vox[ax], vox[s], org[ax], org[s]
             p0a, p0s, da, ds = P0[sel, ax], P0[sel, s], D[sel, ax], D[sel, s]
-            lo, hi = np.minimum(p0a, p0a + da), np.maximum(p0a, p0a + da)
+            # index space: u = principal coordinate in plane units, q = secondary voxel coordinate
+            u0 = (p0a - oa) / va
+            u1 = u0 + da / va
+            ulo, uhi = np.minimum(u0, u1), np.maximum(u0, u1)
             step = va * length[sel] / np.abs(da)
+            slope = ds / da
+            q0 = (p0s + (oa - p0a) * slope - os_) / vs
+            dq = slope * va / vs
             # candidate planes: slabs touching the segment, where the sample can reach a voxel
-            j_lo = np.ceil((lo - oa) / va - 0.5)
-            j_hi = np.floor((hi - oa) / va + 0.5)
-            q0 = (p0s + (oa - p0a) * (ds / da) - os_) / vs
-            dq = va * (ds / da) / vs
+            j_lo = np.ceil(ulo - 0.5)
+            j_hi = np.floor(uhi + 0.5)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ja, jb = (-1.0 - q0) / dq, (ns - q0) / dq
             inside0 = (q0 > -1.0) & (q0 < ns)
@@ -83,14 +88,13 @@ def trace_joseph_2d(p0: np.ndarray, p1: np.ndarray, grid: ImageGrid, chunk: int 
             ids = np.repeat(np.arange(sel.size), cnt)
             starts = np.cumsum(cnt) - cnt
             j = j0[ids] + (np.arange(ids.size) - starts[ids])
-            # per-sample geometry, from the plane index
-            c = oa + j * va
-            t = (c - p0a[ids]) / da[ids]
-            q = (p0s[ids] + t * ds[ids] - os_) / vs
+            # per-sample geometry, directly from the plane index
+            jf = j.astype(np.float64)
+            q = q0[ids] + jf * dq[ids]
             i0 = np.floor(q)
             f = q - i0
             i0 = i0.astype(np.int64)
-            cov = np.clip((np.minimum(hi[ids], c + va / 2) - np.maximum(lo[ids], c - va / 2)) / va, 0.0, 1.0)
+            cov = np.clip(np.minimum(uhi[ids], jf + 0.5) - np.maximum(ulo[ids], jf - 0.5), 0.0, 1.0)
             w = step[ids] * cov
             w0, w1 = w * (1.0 - f), w * f
             m0 = (i0 >= 0) & (i0 < ns) & (w0 > 0)

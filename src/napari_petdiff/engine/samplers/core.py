@@ -40,7 +40,7 @@ _PRIOR_CACHE: dict = {}
 
 
 def get_prior(name: str, device):
-    from ..diffusion import load_prior
+    from ..diffusion.io import load_prior
 
     key = (name, str(device))
     if key not in _PRIOR_CACHE:
@@ -166,8 +166,9 @@ def run_sampler(acq, params: SamplingParams, cancel: CancelToken, device, method
                            method)
             yield Intermediate(u.mean(dim=0), done, method)
         u = lik.mask(u.clamp_min(0))
+        n_done = sum(o.shape[0] for o in outputs)
         for k in range(S):
-            yield Sample(len(outputs) + k, u[k])
+            yield Sample(n_done + k, u[k])
         outputs.append(u)
         traces.append(trace)
         per_sample_ll.extend(float(v) for v in lik.value(u))

@@ -66,8 +66,9 @@ def run_dps(acq, params: DPSParams, cancel, device=None):
             done = b * len(ts) + i + 1
             yield Progress(done, n_batches * len(ts), f"dps: batch {b + 1}/{n_batches}, step {i + 1}", "dps")
             yield Intermediate(u.mean(0), done, "dps")
+        n_done = sum(o.shape[0] for o in outs)
         for k in range(S):
-            yield Sample(len(outs) * params.batch + k, u[k])
+            yield Sample(n_done + k, u[k])
         outs.append(u)
         trace_all.append(trace)
     samples = torch.cat(outs)

@@ -80,20 +80,19 @@ def run_lisch(acq, params: LiSchParams, cancel, device=None):
         def dc(z, x_t, state):
             target = targets[state.step]
             u = z
-            reached = None
+            b_shape = (-1,) + (1,) * (u.ndim - 1)
             for _ in range(params.max_updates):
                 cancel_token.raise_if_cancelled()
-                val = lik.value(u)
+                # One forward + one back give L(u) and the EM direction; one more forward gives A d.
+                em, val, q0 = lik.em_step_and_value(u)
                 need = val < target
                 if not bool(need.any()):
-                    reached = torch.ones_like(need)
                     break
-                d = lik.em_direction(u)
-                d = torch.where(need.view(-1, *([1] * (d.ndim - 1))), d, torch.zeros_like(d))
-                alpha, _, reached = lik.line_search_to_target(u, d, target, params.alpha_max)
-                u = lik.mask((u + alpha.view(-1, *([1] * (u.ndim - 1))).to(u.dtype) * d).clamp_min(0))
-            else:
-                reached = lik.value(u) >= target - 1e-6 * abs(target)
+                d = torch.where(need.view(b_shape), em - u, torch.zeros_like(u))
+                qd = lik.forward(d)
+                alpha, _, _ = lik.line_search_to_target(u, d, target, params.alpha_max, q0=q0, qd=qd)
+                u = lik.mask((u + alpha.view(b_shape).to(u.dtype) * d).clamp_min(0))
+            reached = lik.value(u) >= target - 1e-6 * abs(target)
             if not bool(reached.all()) and state.step >= state.n_steps - 3:
                 state.warn(f"PET-LiSch could not reach the likelihood target (MLEM iteration "
                            f"{params.target_iteration}) within {params.max_updates} updates: the prior's sample "

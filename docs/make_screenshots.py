@@ -1,0 +1,132 @@
+"""Screenshots of the real napari window for docs/plugin.md (run under Xvfb: `make screenshots`).
+
+Each shot drives the widgets the way a user does (sample data, buttons, a drawn region) and waits
+for the runs to finish, so the pictures show the plugin actually working.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "screenshots"
+SIZE = (1500, 950)
+MAX_BYTES = 400_000
+
+
+def wait_until(pred, timeout: float = 300.0, what: str = "condition") -> None:
+    from qtpy.QtWidgets import QApplication
+
+    t0 = time.monotonic()
+    while not pred():
+        QApplication.processEvents()
+        time.sleep(0.02)
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def settle(seconds: float = 0.8) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def shoot(viewer, name: str) -> Path:
+    settle()
+    path = OUT / f"{name}.png"
+    viewer.screenshot(str(path), canvas_only=False, flash=False)
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 1000:.0f} kB)")
+    if size > MAX_BYTES:
+        raise SystemExit(f"{path} is {size} bytes, above the {MAX_BYTES} byte budget")
+    return path
+
+
+def new_viewer():
+    import napari
+
+    viewer = napari.Viewer(title="napari-petdiff")
+    viewer.window.resize(*SIZE)
+    viewer.open_sample("napari-petdiff", "brain2d")
+    return viewer
+
+
+def reconstruction_shot() -> None:
+    viewer = new_viewer()
+    _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Reconstruction")
+    w.set_method("osem")
+    w.form.set_values({"iterations": 2, "subsets": 8})
+    done = []
+    w.run_finished.connect(lambda *_: done.append(True))
+    w.run_failed.connect(lambda msg: done.append(msg))
+    w.run_button.click()
+    wait_until(lambda: done, what="the OSEM run")
+    if done[0] is not True:
+        raise SystemExit(f"OSEM failed: {done[0]}")
+    viewer.layers["brain2d truth"].visible = False
+    shoot(viewer, "reconstruction")
+    # the likelihood-target control of a likelihood-matched diffusion method (if registered)
+    names = [w.method_box.itemData(i) for i in range(w.method_box.count())]
+    target = next((n for n in ("lisch",) if n in names), None)
+    if target is not None:
+        w.set_method(target)
+        wait_until(lambda: len(w.target_plot.values) > 5 and w.target_plot.busy is False, what="the MLEM curve")
+        shoot(viewer, "likelihood-target")
+    viewer.close()
+
+
+def comparison_shot() -> None:
+    viewer = new_viewer()
+    _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Comparison")
+    w.set_checked(["mlem", "osem", "map-rdp"])
+    w.forms["mlem"].set_values({"iterations": 40})
+    w.forms["osem"].set_values({"iterations": 4, "subsets": 8})
+    w.forms["map-rdp"].set_values({"epochs": 10, "beta": 1.0})
+    # a region in white matter, drawn in world coordinates (mm)
+    viewer.add_shapes([[[0, -30, -40], [0, -30, -25], [0, -10, -25], [0, -10, -40]]], shape_type="ellipse",
+                      name="ROI", edge_color="cyan", face_color="transparent", edge_width=1.5)
+    w.roi_picker.select("ROI")
+    finished = []
+    w.comparison_finished.connect(lambda names: finished.append(names))
+    w.run_button.click()
+    wait_until(lambda: finished, timeout=600, what="the comparison runs")
+    shoot(viewer, "comparison")
+    viewer.close()
+
+
+def data_shot() -> None:
+    viewer = new_viewer()
+    _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Data")
+    viewer.window.add_plugin_dock_widget("napari-petdiff", "Settings", tabify=False)
+    w.phantom.setCurrentIndex(w.phantom.findData("brain2d"))
+    w.counts.setValue(3e4)
+    w.lesions.setChecked(True)
+    w.name.setText("low-count")
+    finished = []
+    w.simulation_finished.connect(lambda name: finished.append(name))
+    w.simulation_failed.connect(lambda msg: finished.append(msg))
+    w.simulate_button.click()
+    wait_until(lambda: finished, what="the simulation")
+    for lay in viewer.layers:
+        lay.visible = lay.name in ("low-count prompts",)
+    viewer.layers.selection.active = viewer.layers["low-count prompts"]
+    viewer.reset_view()
+    shoot(viewer, "data")
+    viewer.close()
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    from qtpy.QtWidgets import QApplication  # noqa: F401 - napari.Viewer creates the app
+
+    which = sys.argv[1:] or ["reconstruction", "comparison", "data"]
+    for name in which:
+        {"reconstruction": reconstruction_shot, "comparison": comparison_shot, "data": data_shot}[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
