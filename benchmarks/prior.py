@@ -61,7 +61,9 @@ def gaussian_filter_batch(y: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ddim_samples(prior, n: int, steps: int = 50, eta: float = 0.0, seed: int = 0, batch: int = 8) -> torch.Tensor:
+def ddim_samples(prior, n: int, steps: int = 50, eta: float = 0.0, seed: int = 0, batch: int = 8,
+                 clip: float = 10.0) -> torch.Tensor:
+    """Unconditional DDIM; x0 clipped to [0, clip] (the normalised data range) unless clip <= 0."""
     g = torch.Generator().manual_seed(seed)
     sched = prior.schedule
     ts = sched.timesteps(steps)
@@ -73,6 +75,8 @@ def ddim_samples(prior, n: int, steps: int = 50, eta: float = 0.0, seed: int = 0
             t_next = ts[j + 1] if j + 1 < len(ts) else -1
             eps = prior.eps(x, t)
             x0 = sched.tweedie(x, eps, t)
+            if clip > 0:
+                x0 = x0.clamp(0, clip)
             x = sched.ddim_step(x0, eps, t, t_next, eta=eta, generator=g)
         outs.append(x)
     return torch.cat(outs)
@@ -184,7 +188,7 @@ def samples_figure(args) -> None:
     torch.set_num_threads(args.threads)
     prior = load_prior(args.prior)
     t0 = time.perf_counter()
-    s = ddim_samples(prior, args.n, steps=args.steps, seed=args.seed)
+    s = ddim_samples(prior, args.n, steps=args.steps, seed=args.seed, clip=args.clip)
     dt_s = time.perf_counter() - t0
     ref = held_out_slices(4, prior)
     cols = 8
@@ -199,7 +203,7 @@ def samples_figure(args) -> None:
         axes[-1, j].imshow(ref[j, 0].numpy(), cmap="gray_r", vmin=0)
     axes[-1, 0].set_title("held-out phantom slices", fontsize=6, loc="left")
     fig.suptitle(f"{prior.name}: {args.n} unconditional {args.steps}-step DDIM samples "
-                 f"(step {prior.card.get('steps', '?')}); last row: phantoms", fontsize=7)
+                 f"(step {prior.card.get('steps', '?')}, x0 clip [0, {args.clip:g}]); last row: phantoms", fontsize=7)
     plt.subplots_adjust(wspace=0.03, hspace=0.08, left=0.01, right=0.99, bottom=0.01, top=0.93)
     FIG.mkdir(parents=True, exist_ok=True)
     out = FIG / "prior_samples.png"
@@ -241,6 +245,7 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", type=float, default=10.0, help="clip x0 to [0, clip] while sampling (0: off)")
     p.add_argument("--csv", default=str(ROOT / "training" / "brain-fdg-2d" / "loss.csv"))
     args = p.parse_args(argv)
     {"bench": bench, "samples": samples_figure, "loss": loss_figure}[args.what](args)

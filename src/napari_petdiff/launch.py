@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+SCREENSHOT_SIZE = (1500, 950)
+
 
 def open_viewer(sample: str = "brain2d", widget: str = "Reconstruction", show: bool = True):
     import napari
@@ -49,11 +51,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m napari_petdiff.launch", description=__doc__.split("\n\n")[0])
     ap.add_argument("--screenshot", metavar="PATH", help="save a screenshot of the window to PATH and exit")
     ap.add_argument("--sample", default="brain2d", choices=["brain2d", "brain3d"], help="sample to open")
+    ap.add_argument("--delay", type=float, default=1.5, help="seconds to wait before the screenshot (default 1.5)")
     args = ap.parse_args(argv)
     viewer, _, _ = open_viewer(args.sample)
     if args.screenshot:
-        viewer.window.resize(1500, 950)
-        return take_screenshot(viewer, args.screenshot)
+        viewer.window.resize(*SCREENSHOT_SIZE)
+        return take_screenshot(viewer, args.screenshot, int(args.delay * 1000))
     import napari
 
     napari.run()

@@ -55,8 +55,8 @@ def _train_tiny(size: int, steps: int, seed: int) -> ScorePrior:
     ab = sched.alpha_bar.float()
     net.train()
     for _ in range(steps):
-        x0 = data[torch.randint(0, len(data), (32,), generator=g)]
-        t = torch.randint(0, sched.T, (32,), generator=g)
+        x0 = data[torch.randint(0, len(data), (16,), generator=g)]
+        t = torch.randint(0, sched.T, (16,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         a = ab[t].view(-1, 1, 1, 1)
         loss = F.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t), eps)

@@ -314,3 +314,18 @@ def test_unknown_prior_lists_known_names(tmp_path):
         load_prior("nope", models_dir=tmp_path)
     with pytest.raises(FileNotFoundError):
         load_prior(tmp_path / "missing.safetensors")
+
+
+def test_tiny_prior_for_sampler_tests_denoises():
+    from tests.engine._tiny_prior import blob_images, make_tiny_prior
+
+    prior = make_tiny_prior()
+    assert make_tiny_prior() is prior  # cached per session
+    x0 = torch.from_numpy(blob_images(np.random.default_rng(99), 8))
+    t = 200
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    xt = prior.schedule.q_sample(x0, t, eps)
+    naive = xt / float(prior.schedule.alpha_bar[t]) ** 0.5
+    mse_naive = float(((naive - x0) ** 2).mean())
+    mse_tweedie = float(((prior.tweedie(xt, t) - x0) ** 2).mean())
+    assert mse_tweedie < 0.5 * mse_naive

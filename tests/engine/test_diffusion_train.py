@@ -76,6 +76,24 @@ def test_slices_normalised_padded_and_stream_resumable():
     assert not torch.equal(next(iter(other)), batches[0])
 
 
+def test_nifti_folder_source_is_resampled_to_the_training_voxel_size(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    vol = np.zeros((20, 24, 10), np.float32)  # NIfTI order (x, y, z), 4 mm voxels
+    vol[5:15, 6:18, 2:8] = 2.0
+    nib.save(nib.Nifti1Image(vol, np.diag([4.0, 4.0, 4.0, 1.0])), str(tmp_path / "a.nii.gz"))
+    cfg = DataConfig(source=f"nifti:{tmp_path}", image_size=64, voxel_size_mm=2.0, min_support=10,
+                     slices_per_volume=4, volumes_per_group=1, workers=0, orientation_probs=(1, 0, 0),
+                     scale_range=(1.0, 1.0))
+    batch = next(iter(SliceStream(cfg, 4)))
+    assert batch.shape == (4, 1, 64, 64)
+    for im in batch[:, 0]:
+        sup = im > 0
+        ys, xs = np.nonzero(sup.numpy())
+        # the 10 x 12 voxel block at 4 mm is about 20 (x) by 24 (y) pixels at 2 mm
+        assert 18 <= xs.max() - xs.min() + 1 <= 22 and 22 <= ys.max() - ys.min() + 1 <= 26
+        assert abs(float(im[sup].mean()) - 1.0) < 1e-5
+
+
 def test_unknown_source_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown training source"):
         SliceStream(DataConfig(source="foo"), 2)
@@ -196,3 +214,27 @@ def test_petdiff_priors_lists_the_shipped_prior(capsys):
     assert "brain-fdg-2d: 128x128 slices at 2 mm" in out and "training steps" in out
     prior = load_prior("brain-fdg-2d")
     assert prior.image_size == 128 and prior.card["steps"] > 0 and prior.card["wall_time_s"] > 0
+
+
+def test_registry_caches_shipped_prior_and_rejects_unknown_names():
+    from napari_petdiff.engine.diffusion import get_prior, shipped_prior_names
+
+    assert "brain-fdg-2d" in shipped_prior_names()
+    assert get_prior("brain-fdg-2d") is get_prior("brain-fdg-2d")
+    with pytest.raises(ValueError, match="Shipped priors: .*brain-fdg-2d"):
+        get_prior("no-such-prior")
+
+
+def test_config_file_and_flags(tmp_path):
+    from napari_petdiff.engine.diffusion.train_cli import build_config
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"steps": 50, "base_channels": 16, "data": {"image_size": 64, "source": "synthetic"}}))
+    args = cli.build_parser().parse_args(["train", "--config", str(cfg_file), "--steps", "7", "--attention", "8,4"])
+    cfg = build_config(args)
+    assert cfg.steps == 7 and cfg.base_channels == 16 and cfg.data.image_size == 64
+    assert cfg.attention_resolutions == (8, 4) and cfg.lr == 2e-4
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    cfg_file.write_text(json.dumps({"stepz": 5}))
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        build_config(cli.build_parser().parse_args(["train", "--config", str(cfg_file)]))

@@ -238,36 +238,54 @@ def test_2d_slice_matches_3d_plane(fdg3d):
     assert np.allclose(d2.activity[0], d3.activity[k], atol=1e-3)
 
 
-def test_template_volumes_and_cache(tmp_path, monkeypatch):
+def test_template_volumes_real_data(fdg3d):
+    v = template_volumes(4.0, (32, 64, 64))
+    assert {"gm", "wm", "csf", "t1", "brain_mask", "brain_distance_mm"} <= set(v)
+    assert all(a.shape == (32, 64, 64) for a in v.values()) and v["brain_mask"].dtype == bool
+    assert np.array_equal(v["gm"], fdg3d.gm) and np.array_equal(v["brain_mask"], fdg3d.brain_mask)
+    t1 = v["t1"][v["brain_mask"]]
+    assert 0.0 <= t1.min() and t1.max() <= 1.0 and v["t1"][~v["brain_mask"]].max() < 0.5
+
+
+@pytest.fixture
+def fake_resampler(tmp_path, monkeypatch):
+    """An empty cache in tmp_path and a cheap stand-in for the MNI resampling that counts its calls."""
     monkeypatch.setenv("NAPARI_PETDIFF_CACHE", str(tmp_path))
-    assert tmpl.cache_dir() == tmp_path / "phantoms"
     tmpl.clear_memory_cache()
+    calls = []
+
+    def resample(grid):
+        calls.append(grid)
+        rng = np.random.default_rng(len(calls))
+        return {k: rng.random(grid.shape, dtype=np.float32) for k in tmpl.CHANNELS}
+
+    monkeypatch.setattr(tmpl, "_resample", resample)
+    yield calls
+    tmpl.clear_memory_cache()
+
+
+def test_template_cache_memory_and_disk(fake_resampler, tmp_path, monkeypatch):
+    assert tmpl.cache_dir() == tmp_path / "phantoms"
     shape = (1, 32, 32)
     v = template_volumes(8.0, shape)
-    assert {"gm", "wm", "csf", "brain_mask", "t1"} <= set(v)
-    assert all(a.shape == shape for a in v.values()) and v["brain_mask"].dtype == bool
+    assert len(fake_resampler) == 1 and v["brain_mask"].dtype == bool
     files = list((tmp_path / "phantoms").glob("*.npz"))
     assert len(files) == 1
     with np.load(files[0], allow_pickle=False) as f:
         assert set(f.files) == set(tmpl.CHANNELS)
-
-    def no_resampling(grid):
-        raise AssertionError("the cache should have been used")
-
-    monkeypatch.setattr(tmpl, "_resample", no_resampling)
     tmpl.clear_memory_cache()
     w = template_volumes(8.0, shape)  # from disk
-    assert all(np.array_equal(v[k], w[k]) for k in v)
-    monkeypatch.setattr(tmpl, "_load_npz", lambda *a: (_ for _ in ()).throw(AssertionError("memory expected")))
+    assert len(fake_resampler) == 1 and all(np.array_equal(v[k], w[k]) for k in v)
+    template_volumes(8.0, (1, 16, 16))  # another grid is another entry
+    assert len(fake_resampler) == 2
+    monkeypatch.setattr(tmpl, "_load_npz", lambda *a: pytest.fail("the memory cache should have been used"))
     x = template_volumes(8.0, shape)  # from memory
-    assert np.array_equal(x["gm"], v["gm"])
+    assert len(fake_resampler) == 2 and np.array_equal(x["gm"], v["gm"])
     x["gm"][:] = -1  # callers get copies: the cache is not modified
     assert template_volumes(8.0, shape)["gm"].min() >= 0
 
 
-def test_damaged_cache_file_is_rebuilt(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_PETDIFF_CACHE", str(tmp_path))
-    tmpl.clear_memory_cache()
+def test_damaged_cache_file_is_rebuilt(fake_resampler, tmp_path):
     grid = tmpl.source_grid(tmpl.centred_grid((1, 32, 32), 8.0))
     path = tmpl.cache_path(grid)
     assert path.parent == tmp_path / "phantoms"
@@ -275,9 +293,8 @@ def test_damaged_cache_file_is_rebuilt(tmp_path, monkeypatch):
     path.write_bytes(b"not an npz")
     stale = path.parent / "mni152-2009-v0_0123456789abcdef.npz"  # an older cache version
     stale.write_bytes(b"old")
-    v = template_volumes(8.0, (1, 32, 32))
-    assert not stale.exists()
-    assert v["brain_mask"].any()
+    template_volumes(8.0, (1, 32, 32))
+    assert len(fake_resampler) == 1 and not stale.exists()
     with np.load(path, allow_pickle=False) as f:
         assert f["gm"].shape == grid.shape
 
@@ -290,11 +307,11 @@ def test_random_training_volume():
     assert a.shape == shape and a.dtype == np.float32 and np.array_equal(a, b) and not np.array_equal(a, c)
     rng = np.random.default_rng(0)
     shape = (8, 64, 64)
-    plain = [random_training_volume(rng, shape, 4.0, gm_wm_range=(3.0, 3.0), lesion_prob=0.0) for _ in range(3)]
+    plain = [random_training_volume(rng, shape, 4.0, gm_wm_range=(3.0, 3.0), lesion_prob=0.0) for _ in range(2)]
     assert all(0.0 <= v.min() and v.max() <= 3.0 + 1e-4 for v in plain)
     assert all(v.max() > 2.0 for v in plain)  # grey matter reached
     with_lesions = [random_training_volume(rng, shape, 4.0, gm_wm_range=(3.0, 3.0), lesion_prob=1.0)
-                    for _ in range(6)]
+                    for _ in range(4)]
     assert any(v.max() > 3.0 * 1.3 - 1e-3 for v in with_lesions)  # some hot lesion
     s = random_training_volume(rng, shape=(1, 64, 64), voxel_size_mm=4.0)
     assert s.shape == (1, 64, 64) and s.max() > 1.0

@@ -115,3 +115,27 @@ def test_static_only_viewer_is_refused_clearly(qtbot, monkeypatch):
         assert "no dynamic acquisition" in blocker.args[0]
     finally:
         methods._REGISTRY.pop(FAKE_PATLAK.name, None)
+
+
+def test_real_patlak_method_and_frame_curves(qtbot, patlak_widget):
+    """patlak-ls from the registry on the tiny dynamic scan; frames reconstructed on demand for the plots."""
+    viewer, w = patlak_widget
+    w.method_box.setCurrentIndex(w.method_box.findData("patlak-ls"))
+    w.form.set_values({"t_star": 30.0, "iterations": 1, "subsets": 2, "input_function": "file"})
+    with qtbot.waitSignal(w.run_finished, timeout=20_000):
+        w.run_button.click()
+    assert viewer.layers["patlak-ls Ki"].data.shape == (1, 8, 8)
+    assert "patlak-ls intercept" in viewer.layers
+    assert w.setup is not None and w.setup.n_frames == 3  # frames starting at 30, 40, 50 min
+    if "frames" not in w.result["extra"]:
+        assert w.frames_button.isVisibleTo(w)
+        assert "fitted model only" in w.voxel_info.text()
+        with qtbot.waitSignal(w.frames_ready, timeout=20_000):
+            w.frames_button.click()
+    d = w.curves((0, 4, 4))
+    assert len(d["measured"]) == 3
+    # Ki and the intercept are the least-squares fit C = Ki u + V v of exactly these frame values
+    st = w.setup
+    (ki, v), *_ = np.linalg.lstsq(np.stack([st.u, st.v], axis=1), d["measured"], rcond=None)
+    assert ki == pytest.approx(d["ki"], rel=1e-3)
+    assert v == pytest.approx(d["intercept"], rel=1e-3)

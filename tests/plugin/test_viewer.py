@@ -110,3 +110,17 @@ def test_comparison_grid_in_docked_widget(qtbot, viewer_with_scan):
     viewer.layers["osem mean"].contrast_limits = (0.0, 0.5)
     assert tuple(viewer.layers["mlem mean"].contrast_limits) == (0.0, 0.5)
     assert w.table.rowCount() == 2
+
+
+def test_launch_screenshot_shows_the_docked_window(tmp_path):
+    from qtpy.QtGui import QImage
+
+    from napari_petdiff import launch
+
+    out = tmp_path / "window.png"
+    assert launch.main(["--screenshot", str(out), "--delay", "0.3"]) == 0
+    img = QImage(str(out))
+    assert (img.width(), img.height()) == launch.SCREENSHOT_SIZE  # the whole window, not only the canvas
+    # the canvas shows the sample: many distinct colours, not a blank frame
+    colours = {img.pixel(x, y) for x in range(0, img.width(), 7) for y in range(0, img.height(), 7)}
+    assert len(colours) > 50

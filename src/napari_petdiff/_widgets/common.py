@@ -122,3 +122,26 @@ class AcquisitionPicker(LayerPicker):
     def source_name(self) -> Optional[str]:
         lay = self.layer()
         return None if lay is None else lay.metadata.get(KEY_SOURCE, lay.name)
+
+
+def safe_canvas(figure):
+    """A matplotlib Qt canvas whose deferred redraws die with it.
+
+    matplotlib's ``draw_idle`` queues a bare ``QTimer.singleShot`` callback; if the dock is closed
+    before it fires, it touches the deleted canvas. Here the timer is a child of the canvas.
+    """
+    from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+    from qtpy.QtCore import QTimer
+
+    class _Canvas(FigureCanvasQTAgg):
+        def __init__(self, fig):
+            super().__init__(fig)
+            self._idle_timer = QTimer(self)
+            self._idle_timer.setSingleShot(True)
+            self._idle_timer.setInterval(0)
+            self._idle_timer.timeout.connect(self.draw)
+
+        def draw_idle(self):  # noqa: D401 - matplotlib API
+            self._idle_timer.start()
+
+    return _Canvas(figure)

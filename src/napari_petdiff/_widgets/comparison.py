@@ -370,6 +370,14 @@ class ComparisonWidget(QWidget):
             rows[method]["time (s)"] = self.runtimes.get(method, lay.metadata.get("petdiff_runtime_s") or float("nan"))
         for name, msg in self.failed.items():
             rows[name] = {"NRMSE": f"failed: {msg}"}
+        if ref is not None and mask is not None and ref_data is not None and results \
+                and ref_data.size == np.asarray(results[0].data).size:
+            # the region in the reference itself: the value the reconstructions should recover
+            try:
+                m, c = roi_stats(ref_data, mask)
+                rows[f"{ref.name} (reference)"] = {"ROI mean": m, "ROI CoV (%)": c}
+            except ValueError:
+                pass
         self.rows = rows
         self._fill_table(rows)
         if errors:

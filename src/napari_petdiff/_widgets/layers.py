@@ -159,8 +159,10 @@ def robust_contrast(layer, percentile: float = 99.8) -> None:
     data = np.asarray(layer.data)
     if data.size == 0:
         return
-    lo = float(data.min())
     hi = float(np.percentile(data, percentile))
+    # PET activity and Ki are >= 0 physically: start at 0 so the empty background is black even when
+    # noise makes a few voxels negative.
+    lo = 0.0 if hi > 0 else float(data.min())
     if np.isfinite(hi) and hi > lo:
         layer.contrast_limits = (lo, hi)
 

@@ -11,12 +11,12 @@ import logging
 import math
 from typing import Optional
 
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..engine.run import CancelToken, Cancelled, Throttle
+from .common import safe_canvas
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class LikelihoodTargetPlot(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.figure = Figure(figsize=(3.2, 2.0), dpi=90, tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas = safe_canvas(self.figure)
         self.canvas.setMinimumHeight(150)
         self.ax = self.figure.add_subplot(111)
         self.status = QLabel("")

@@ -9,17 +9,17 @@ without them only the fitted model is drawn.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar, QPushButton,
                             QVBoxLayout, QWidget)
 
 from ..engine.methods import get_method, list_methods
-from .common import LayerPicker
+from .common import LayerPicker, safe_canvas
 from .layers import KEY_PATH, KEY_SOURCE, acquisition_of, publish_result
 from .param_form import ParamForm
 from .reconstruction import layer_metadata, notify_error, notify_warning
@@ -51,6 +51,7 @@ class PatlakWidget(QWidget):
         self.result: Optional[dict] = None
         self.setup = None
         self._grid = None
+        self._last_idx = None
         lay = QVBoxLayout(self)
         top = QFormLayout()
         self.acq_picker = LayerPicker(self.viewer, _is_dynamic_acq)
@@ -82,7 +83,7 @@ class PatlakWidget(QWidget):
         self.status.setWordWrap(True)
         lay.addWidget(self.status)
         self.figure = Figure(figsize=(3.2, 4.2), dpi=90, tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas = safe_canvas(self.figure)
         self.canvas.setMinimumHeight(300)
         self.ax_tac = self.figure.add_subplot(211)
         self.ax_patlak = self.figure.add_subplot(212)
@@ -90,11 +91,18 @@ class PatlakWidget(QWidget):
         self.voxel_info = QLabel("run, then click a voxel to see its curves")
         self.voxel_info.setWordWrap(True)
         lay.addWidget(self.voxel_info)
+        self.frames_button = QPushButton("Reconstruct frames for the curves")
+        self.frames_button.setToolTip("the method returned Ki and intercept only: reconstruct the fitted frames "
+                                      "(OSEM, as the method did) to plot measured points")
+        self.frames_button.setVisible(False)
+        lay.addWidget(self.frames_button)
+        self._frames_worker = None
         lay.addStretch(1)
 
         self.run_button.setEnabled(self.method_box.count() > 0)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.frames_button.clicked.connect(self.reconstruct_frames)
         self.method_box.currentIndexChanged.connect(lambda *_: self._method_changed())
         self._click = _click_handler(self._alive, self)
         self.viewer.mouse_drag_callbacks.append(self._click)
@@ -185,6 +193,7 @@ class PatlakWidget(QWidget):
         units = out["metadata"].get("units", {})
         self.status.setText(f"{s.spec.name} done in {out.get('runtime_s', 0):.1f} s"
                             + (f"; Ki in {units.get('ki')}" if isinstance(units, dict) and units.get("ki") else ""))
+        self.frames_button.setVisible("frames" not in out["extra"] and self.setup is not None)
         self.run_finished.emit(out)
         # start with the hottest Ki voxel so the plots show something at once
         ki = out["mean"]
@@ -218,6 +227,46 @@ class PatlakWidget(QWidget):
             log.warning("no Patlak regressors for the plots", exc_info=True)
             return None
 
+    frames_ready = Signal()
+
+    def reconstruct_frames(self) -> None:
+        """Frame images of the fitted frames (engine's reconstruct_frames, in a worker) for measured curves."""
+        if self.result is None or self.setup is None or self._frames_worker is not None:
+            return
+        from napari.qt.threading import create_worker
+
+        from ..engine.kinetics.patlak import PatlakParams
+
+        base = PatlakParams()
+        p = SimpleNamespace(iterations=getattr(self._params, "iterations", base.iterations),
+                            subsets=getattr(self._params, "subsets", base.subsets),
+                            postfilter_fwhm=getattr(self._params, "postfilter_fwhm", base.postfilter_fwhm))
+        self.frames_button.setEnabled(False)
+        self.status.setText(f"reconstructing {self.setup.n_frames} frames for the curves...")
+        worker = create_worker(_frames_job, self._acq, self.setup, p, SETTINGS.torch_device(), _start_thread=False,
+                               _progress={"desc": "Patlak frames"})
+        alive, result = self._alive, self.result
+
+        def done(outcome):
+            self._frames_worker = None
+            if outcome[0] == "ok":
+                result["extra"]["frames"] = outcome[1]
+            if not alive[0]:
+                return
+            self.frames_button.setEnabled(True)
+            if outcome[0] == "ok":
+                self.frames_button.setVisible(False)
+                self.status.setText("frame images ready: click a voxel")
+                if self._last_idx is not None:
+                    self.show_voxel(self._last_idx)
+                self.frames_ready.emit()
+            else:
+                self.status.setText(f"could not reconstruct the frames: {outcome[1]}")
+
+        worker.returned.connect(done)
+        self._frames_worker = worker
+        worker.start()
+
     # ------------------------------------------------------------ voxel
     def world_to_index(self, world) -> Optional[tuple]:
         if self._grid is None:
@@ -249,6 +298,7 @@ class PatlakWidget(QWidget):
     def show_voxel(self, idx: tuple) -> None:
         if self.result is None or not self._alive[0]:
             return
+        self._last_idx = idx
         d = self.curves(idx)
         ax1, ax2 = self.ax_tac, self.ax_patlak
         ax1.clear()
@@ -281,6 +331,24 @@ class PatlakWidget(QWidget):
             ax.set_ylabel(yl, fontsize=8)
             ax.tick_params(labelsize=7)
         self.canvas.draw_idle()
+
+
+def _frames_job(acq, setup, params, device):
+    from ..engine.kinetics.patlak import reconstruct_frames
+    from ..engine.run import CancelToken
+
+    try:
+        gen = reconstruct_frames(acq, setup, params, CancelToken(), device)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                conc, _ = stop.value
+                break
+        return ("ok", conc.detach().cpu().numpy().astype(np.float32))
+    except Exception as exc:  # noqa: BLE001 - reported in the status line
+        log.exception("frame reconstruction failed")
+        return ("error", str(exc))
 
 
 def _click_handler(alive, widget):

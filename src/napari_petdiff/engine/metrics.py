@@ -86,8 +86,10 @@ def ssim_map(x, ref, data_range: float) -> np.ndarray:
     if x.ndim != 3:
         raise ValueError(f"SSIM needs (z, y, x) or (y, x) images; got shape {x.shape}")
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    # sigma 0 along z: slices are filtered independently
-    f = lambda a: ndi.gaussian_filter(a, (0.0, SSIM_SIGMA, SSIM_SIGMA), truncate=SSIM_TRUNCATE, mode="reflect")  # noqa: E731
+
+    def f(a):  # sigma 0 along z: slices are filtered independently
+        return ndi.gaussian_filter(a, (0.0, SSIM_SIGMA, SSIM_SIGMA), truncate=SSIM_TRUNCATE, mode="reflect")
+
     ux, uy = f(x), f(ref)
     vx = f(x * x) - ux * ux
     vy = f(ref * ref) - uy * uy

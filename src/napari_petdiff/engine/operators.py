@@ -238,6 +238,10 @@ class AdjointOperator(LinearOperator):
         return self.op
 
     @property
+    def name(self) -> str:
+        return f"{self.op.name} adjoint"
+
+    @property
     def device(self):
         return self.op.device
 

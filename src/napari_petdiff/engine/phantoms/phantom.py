@@ -36,7 +36,8 @@ class Lesion:
         if not self.radius_mm > 0:
             raise ValueError(f"Lesion.radius_mm must be > 0 mm; got {self.radius_mm}")
         if not (np.isfinite(self.contrast) and self.contrast >= 0):
-            raise ValueError(f"Lesion.contrast must be a finite value >= 0 (1.5 = hot, 0.5 = cold); got {self.contrast}")
+            raise ValueError("Lesion.contrast must be a finite value >= 0 (1.5 = hot, 0.5 = cold); "
+                             f"got {self.contrast}")
         if self.reference not in LESION_REFERENCES:
             raise ValueError(f"Lesion.reference must be one of {LESION_REFERENCES}; got {self.reference!r}")
 

@@ -63,7 +63,8 @@ def random_training_volume(rng: np.random.Generator, shape=(64, 128, 128), voxel
     the slice is axial at a random world z in ``SLICE_Z_RANGE_MM``.
     """
     if not isinstance(rng, np.random.Generator):
-        raise ValueError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)); got {type(rng).__name__}")
+        raise ValueError("rng must be a numpy.random.Generator (np.random.default_rng(seed)); "
+                         f"got {type(rng).__name__}")
     lo, hi = (float(g) for g in gm_wm_range)
     if not (0 < lo <= hi):
         raise ValueError(f"gm_wm_range must be (low, high) with 0 < low <= high; got {gm_wm_range}")

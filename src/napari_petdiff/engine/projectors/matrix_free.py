@@ -11,8 +11,12 @@ Vectorised torch, chunked over LORs to bound memory. For every LOR segment ``xst
   segment covers (so segments ending inside the image are integrated exactly).
 
 The same (index, weight) lists drive the forward (gather) and the adjoint (``index_add_``), so the
-adjoint is exact. Geometry is computed in float64; values in the dtype of the data.
-The in-plane special case matches ``sparse_joseph.trace_joseph_2d`` formula for formula.
+adjoint is exact. Per-LOR geometry is computed in float64, per-sample arithmetic in float64 for
+float64 data and float32 otherwise; values in the dtype of the data. The in-plane special case
+matches ``sparse_joseph.trace_joseph_2d`` formula for formula (in float64).
+
+Speed: this eager kernel is memory-bound (~0.3-1 us per sample on this class of CPU); it is meant for
+oblique planes and list-mode, while 2-D / 2.5-D sinograms use the precomputed sparse backend.
 """
 from __future__ import annotations
 

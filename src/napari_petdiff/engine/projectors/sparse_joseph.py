@@ -12,6 +12,7 @@ both backends agree to rounding.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -29,6 +30,7 @@ TRACER_VERSION = 1
 _LOR_CHUNK = 4096
 _MEMORY_CACHE: "OrderedDict[str, PlaneMatrix]" = OrderedDict()
 _MEMORY_CACHE_SIZE = 3
+_LOCK = threading.Lock()   # one build at a time; the cache dict is shared by worker threads
 
 
 def trace_joseph_2d(p0: np.ndarray, p1: np.ndarray, grid: ImageGrid, chunk: int = _LOR_CHUNK):
@@ -219,10 +221,19 @@ def build_plane_matrix(geometry: Geometry, grid: ImageGrid, dtype: torch.dtype =
                        cache_dir=None) -> PlaneMatrix:
     """Load (memory, then disk cache) or build the plane matrix. ``cache_dir=False`` disables the disk cache."""
     key = plane_matrix_key(geometry, grid, dtype)
-    pm = _MEMORY_CACHE.get(key)
-    if pm is not None:
-        _MEMORY_CACHE.move_to_end(key)
+    with _LOCK:
+        pm = _MEMORY_CACHE.get(key)
+        if pm is None:
+            pm = _load_or_build(geometry, grid, dtype, cache_dir, key)
+            _MEMORY_CACHE[key] = pm
+            while len(_MEMORY_CACHE) > _MEMORY_CACHE_SIZE:
+                _MEMORY_CACHE.popitem(last=False)
+        else:
+            _MEMORY_CACHE.move_to_end(key)
         return pm
+
+
+def _load_or_build(geometry, grid, dtype, cache_dir, key) -> PlaneMatrix:
     n_rows = geometry.n_views * geometry.n_radial
     n_pix = grid.shape[1] * grid.shape[2]
     np_dtype = _np_dtype(dtype)
@@ -248,15 +259,12 @@ def build_plane_matrix(geometry: Geometry, grid: ImageGrid, dtype: torch.dtype =
         if path is not None and matrix_cache.save(path, key, arrays, info):
             info = dict(info, path=str(path))
         info["source"] = "built"
-    pm = PlaneMatrix(arrays, (n_rows, n_pix), geometry.n_radial, info)
-    _MEMORY_CACHE[key] = pm
-    while len(_MEMORY_CACHE) > _MEMORY_CACHE_SIZE:
-        _MEMORY_CACHE.popitem(last=False)
-    return pm
+    return PlaneMatrix(arrays, (n_rows, n_pix), geometry.n_radial, info)
 
 
 def clear_memory_cache() -> None:
-    _MEMORY_CACHE.clear()
+    with _LOCK:
+        _MEMORY_CACHE.clear()
 
 
 class SparseJosephProjector(Projector):
