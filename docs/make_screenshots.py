@@ -85,7 +85,7 @@ def comparison_shot() -> None:
     w.forms["mlem"].set_values({"iterations": 40})
     w.forms["osem"].set_values({"iterations": 4, "subsets": 8})
     w.forms["map-rdp"].set_values({"epochs": 10, "beta": 1.0})
-    # a region in white matter, drawn in world coordinates (mm)
+    # a region of interest, drawn in world coordinates (mm)
     viewer.add_shapes([[[0, -30, -40], [0, -30, -25], [0, -10, -25], [0, -10, -40]]], shape_type="ellipse",
                       name="ROI", edge_color="cyan", face_color="transparent", edge_width=1.5)
     w.roi_picker.select("ROI")

@@ -155,6 +155,7 @@ def test_gaussian_psf_is_symmetric_matrix_with_zero_padding():
     assert float(m.sum(1).max()) <= 1.0 + 1e-12 and float(m.sum(1).min()) < 0.99   # border loses mass
     with pytest.raises(ValueError, match="fwhm_mm"):
         GaussianPSF(grid, (-1.0, 0.0, 0.0))
+    assert psf.to("cpu") is psf and psf.adjointness_test() < 1e-12
 
 
 def test_attenuation_factors():

@@ -43,13 +43,13 @@ def test_compare_two_methods_side_by_side_with_metrics(qtbot, scan_viewer):
     assert osem.contrast_limits == mlem.contrast_limits == truth.contrast_limits
     osem.contrast_limits = (0.0, 1.0)  # linked: moving one moves the others
     assert tuple(mlem.contrast_limits) == (0.0, 1.0)
-    assert set(w.rows) == {"osem", "mlem", "small truth (reference)"}
+    assert set(w.rows) == {"osem", "mlem", "reference"}
     row = w.rows["osem"]
     assert row["NRMSE"] == pytest.approx(metrics.nrmse(osem.data, truth.data))
     assert row["SSIM"] == pytest.approx(metrics.ssim(osem.data, truth.data))
     mask = roi_mask(viewer.layers["roi"], osem)
     assert row["ROI mean"] == pytest.approx(float(osem.data[mask].mean()))
-    assert w.rows["small truth (reference)"]["ROI mean"] == pytest.approx(float(truth.data[mask].mean()))
+    assert w.rows["reference"]["ROI mean"] == pytest.approx(float(truth.data[mask].mean()))
     assert w.table.rowCount() == 3 and w.table.item(1, 0).text() == "osem"
     assert w.table.item(1, 1).text() == f"{row['NRMSE']:.4g}"
     assert w.run_button.isEnabled()

@@ -1,6 +1,7 @@
 """Small Qt pieces shared by the widgets: viewer-event wiring that dies with the widget, pickers."""
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 from qtpy.QtCore import Signal
@@ -9,33 +10,49 @@ from qtpy.QtWidgets import QComboBox, QWidget
 from .layers import KEY_SOURCE, acquisition_layers, acquisition_of
 
 
-def connect_while_alive(widget: QWidget, emitter, callback: Callable) -> None:
-    """Connect a napari event to ``callback`` and disconnect it when ``widget`` is destroyed.
+def qt_alive(obj) -> bool:
+    """False once the Qt (C++) side of ``obj`` is deleted (works for PyQt and PySide)."""
+    try:
+        obj.objectName()
+        return True
+    except RuntimeError:
+        return False
 
-    napari would otherwise keep calling into a deleted Qt object after the dock is closed.
+
+class AliveFlag:
+    """``flag[0]`` is True while the widget exists.
+
+    Checked lazily instead of via ``destroyed`` handlers: Python code running inside a C++
+    destructor (destroyed signal) crashed the interpreter here when the widget's viewer was gone.
     """
-    alive = [True]
+
+    def __init__(self, widget):
+        self._ref = weakref.ref(widget)
+
+    def __getitem__(self, i) -> bool:
+        w = self._ref()
+        return w is not None and qt_alive(w)
+
+
+def connect_while_alive(widget: QWidget, emitter, callback: Callable) -> None:
+    """Connect a napari/psygnal event to ``callback``; the call is dropped once ``widget`` is deleted.
+
+    napari would otherwise keep calling into a deleted Qt object after the dock is closed. The relay
+    stays connected (a few bytes) rather than being disconnected from a destructor.
+    """
+    alive = AliveFlag(widget)
 
     def relay(*args):
-        if alive[0]:
-            try:
-                callback(*args)
-            except RuntimeError as exc:
-                if "deleted" not in str(exc):
-                    raise
-                alive[0] = False
+        if not alive[0]:
+            return
+        try:
+            callback(*args)
+        except RuntimeError as exc:
+            if "deleted" not in str(exc):
+                raise
 
     emitter.connect(relay)
-
-    def on_destroyed(*_):
-        alive[0] = False
-        try:
-            emitter.disconnect(relay)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-
-    widget.destroyed.connect(on_destroyed)
-    # The relay must live as long as the connection (napari keeps only a weak ref to some callables).
+    # The relay must live as long as the connection (some emitters keep only weak references).
     widget.__dict__.setdefault("_petdiff_relays", []).append(relay)
 
 

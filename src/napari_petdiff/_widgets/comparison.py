@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QFormLayout, QGroupBox
                             QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from ..engine.methods import get_method, list_methods
-from .common import AcquisitionPicker, LayerPicker
+from .common import AcquisitionPicker, AliveFlag, LayerPicker
 from .layers import KEY_ROLE, publish_result, reference_layer, result_layer_names
 from .param_form import ParamForm
 from .reconstruction import layer_metadata, notify_error, notify_warning
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 COLUMNS = ("method", "NRMSE", "PSNR (dB)", "SSIM", "ROI mean", "ROI CoV (%)", "time (s)")
 HEADERS = ("method", "NRMSE", "PSNR dB", "SSIM", "ROI mean", "ROI CoV %", "time s")
 DEFAULT_CHECKED = ("osem", "map-rdp")
+REFERENCE_ROW = "reference"  # the region measured in the reference image itself
 
 
 def compute_metrics(image: np.ndarray, reference: Optional[np.ndarray], mask: Optional[np.ndarray],
@@ -76,8 +77,7 @@ class ComparisonWidget(QWidget):
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self._alive = [True]
-        self.destroyed.connect(_marker(self._alive))
+        self._alive = AliveFlag(self)
         self.session: Optional[RunSession] = None
         self.queue: list = []
         self.done: list[str] = []
@@ -112,7 +112,7 @@ class ComparisonWidget(QWidget):
             self.form_stack.addWidget(form)
         ml.addWidget(self.method_list, 0, Qt.AlignmentFlag.AlignTop)
         ml.addWidget(self.form_stack, 1, Qt.AlignmentFlag.AlignTop)
-        lay.addWidget(mbox)
+        lay.addWidget(mbox, 0)
         self.method_list.currentRowChanged.connect(self.form_stack.setCurrentIndex)
         self.method_list.setCurrentRow(0)
 
@@ -150,7 +150,7 @@ class ComparisonWidget(QWidget):
         self.table.setToolTip("NRMSE / PSNR / SSIM against the reference, inside the acquisition's brain mask "
                               "when it has one; ROI mean and CoV inside the chosen region")
         self.table.setMinimumHeight(120)
-        lay.addWidget(self.table)
+        lay.addWidget(self.table, 1)
 
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
@@ -375,7 +375,7 @@ class ComparisonWidget(QWidget):
             # the region in the reference itself: the value the reconstructions should recover
             try:
                 m, c = roi_stats(ref_data, mask)
-                rows[f"{ref.name} (reference)"] = {"ROI mean": m, "ROI CoV (%)": c}
+                rows[REFERENCE_ROW] = {"ROI mean": m, "ROI CoV (%)": c}
             except ValueError:
                 pass
         self.rows = rows
@@ -403,8 +403,3 @@ class ComparisonWidget(QWidget):
                 self.table.setItem(r, c, item)
         self.table.resizeColumnsToContents()
 
-
-def _marker(alive):
-    def mark(*_):
-        alive[0] = False
-    return mark

@@ -9,7 +9,7 @@ from qtpy.QtGui import QFont
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                             QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from .common import AcquisitionPicker
+from .common import AcquisitionPicker, AliveFlag
 from .layers import KEY_ROLE, KEY_SOURCE, acquisition_layer_data, acquisition_of
 from .param_form import GDoubleSpinBox
 from .reconstruction import notify_error
@@ -64,8 +64,7 @@ class DataWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self._worker = None
-        self._alive = [True]
-        self.destroyed.connect(_marker(self._alive))
+        self._alive = AliveFlag(self)
         lay = QVBoxLayout(self)
 
         box = QGroupBox("loaded acquisition")
@@ -248,8 +247,3 @@ class DataWidget(QWidget):
         self.progress.setValue(1)
         self.status.setText(msg)
 
-
-def _marker(alive):
-    def mark(*_):
-        alive[0] = False
-    return mark

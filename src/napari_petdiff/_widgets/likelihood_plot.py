@@ -16,7 +16,7 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..engine.run import CancelToken, Cancelled, Throttle
-from .common import safe_canvas
+from .common import AliveFlag, safe_canvas
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ class LikelihoodTargetPlot(QWidget):
         self._token: Optional[CancelToken] = None
         self._key = None
         self._throttle = Throttle(4.0)
-        self._alive = [True]
-        self.destroyed.connect(_make_stopper(self._alive, lambda: self._token))
+        self._alive = AliveFlag(self)
         self._draw()
 
     # --------------------------------------------------------------- data
@@ -88,8 +87,13 @@ class LikelihoodTargetPlot(QWidget):
         worker = create_worker(mlem_curve, acquisition, int(n_iter), self._token, device, _start_thread=False)
         alive = self._alive
 
+        token = self._token
+
         def on_yield(values, key=key):
-            if alive[0] and self._key == key and self._throttle():
+            if not alive[0]:
+                token.cancel()  # the plot is gone: stop computing its curve
+                return
+            if self._key == key and self._throttle():
                 self.set_values(values)
 
         def on_return(outcome, key=key, worker=worker):
@@ -161,12 +165,3 @@ class LikelihoodTargetPlot(QWidget):
                 ax.set_title(f"target: iteration {self.target:g}", fontsize=8)
         self.canvas.draw_idle()
 
-
-def _make_stopper(alive: list, token_getter):
-    """A destroyed-handler that holds no reference to the (dying) widget."""
-    def stop(*_):
-        alive[0] = False
-        tok = token_getter()
-        if tok is not None:
-            tok.cancel()
-    return stop

@@ -19,7 +19,7 @@ from qtpy.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLab
                             QVBoxLayout, QWidget)
 
 from ..engine.methods import get_method, list_methods
-from .common import LayerPicker, safe_canvas
+from .common import AliveFlag, LayerPicker, safe_canvas
 from .layers import KEY_PATH, KEY_SOURCE, acquisition_of, publish_result
 from .param_form import ParamForm
 from .reconstruction import layer_metadata, notify_error, notify_warning
@@ -43,8 +43,7 @@ class PatlakWidget(QWidget):
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self._alive = [True]
-        self.destroyed.connect(_marker(self._alive))
+        self._alive = AliveFlag(self)
         self.session: Optional[RunSession] = None
         self.form: Optional[ParamForm] = None
         self.spec = None
@@ -106,7 +105,6 @@ class PatlakWidget(QWidget):
         self.method_box.currentIndexChanged.connect(lambda *_: self._method_changed())
         self._click = _click_handler(self._alive, self)
         self.viewer.mouse_drag_callbacks.append(self._click)
-        self.destroyed.connect(_remover(self.viewer, self._click))
         self._method_changed()
         self._draw_empty()
 
@@ -359,18 +357,3 @@ def _click_handler(alive, widget):
         if idx is not None:
             widget.show_voxel(idx)
     return on_click
-
-
-def _remover(viewer, cb):
-    def remove(*_):
-        try:
-            viewer.mouse_drag_callbacks.remove(cb)
-        except ValueError:
-            pass
-    return remove
-
-
-def _marker(alive):
-    def mark(*_):
-        alive[0] = False
-    return mark

@@ -17,7 +17,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxL
 
 from ..engine.methods import get_method, list_methods
 from ..engine.params import fields_of
-from .common import AcquisitionPicker, connect_while_alive
+from .common import AcquisitionPicker, AliveFlag, connect_while_alive
 from .layers import KEY_PATH, publish_result
 from .likelihood_plot import LikelihoodTargetPlot
 from .param_form import ParamForm
@@ -74,7 +74,7 @@ class ReconstructionWidget(QWidget):
         self.viewer = napari_viewer
         self.session: Optional[RunSession] = None
         self._values: dict[str, dict] = {}   # remembered form values per method
-        self._ui_alive = [True]
+        self._ui_alive = AliveFlag(self)
         self.form: Optional[ParamForm] = None
         self.spec = None
 
@@ -130,7 +130,6 @@ class ReconstructionWidget(QWidget):
         self.method_box.currentIndexChanged.connect(lambda *_: self._method_changed())
         self.acq_picker.picked.connect(self._acquisition_changed)
         connect_while_alive(self, SETTINGS.changed, lambda *_: self._acquisition_changed())
-        self.destroyed.connect(_on_destroyed(self._ui_alive))
         i = self.method_box.findData(DEFAULT_METHOD)
         self.method_box.blockSignals(True)
         self.method_box.setCurrentIndex(max(i, 0))
@@ -325,8 +324,3 @@ class ReconstructionWidget(QWidget):
         self.status.setText(f"error: {msg}")
         self.run_failed.emit(msg)
 
-
-def _on_destroyed(alive: list):
-    def mark(*_):
-        alive[0] = False
-    return mark

@@ -94,6 +94,10 @@ class LinearOperator(ABC):
     def name(self) -> str:
         return type(self).__name__
 
+    def to(self, device) -> "LinearOperator":
+        """Move stored data to ``device`` (in place) and return self; inputs elsewhere still work."""
+        return self
+
     # --- shape handling ---------------------------------------------------------------------------
     def _check(self, x, shape: tuple[int, ...], what: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -205,6 +209,11 @@ class ComposedOperator(LinearOperator):
     def device(self):
         return self.inner.device or self.outer.device
 
+    def to(self, device) -> "ComposedOperator":
+        self.outer.to(device)
+        self.inner.to(device)
+        return self
+
     @property
     def dtype(self):
         return self.inner.dtype
@@ -240,6 +249,10 @@ class AdjointOperator(LinearOperator):
     @property
     def name(self) -> str:
         return f"{self.op.name} adjoint"
+
+    def to(self, device) -> "AdjointOperator":
+        self.op.to(device)
+        return self
 
     @property
     def device(self):
@@ -297,6 +310,11 @@ class SinogramScaling(LinearOperator):
     def dtype(self):
         return self.factors.dtype
 
+    def to(self, device) -> "SinogramScaling":
+        self.factors = self.factors.to(device)
+        self._cast = _CastCache(self.factors)
+        return self
+
     def subset(self, view_idx) -> "SinogramScaling":
         if self.factors.dim() != 3:
             raise ValueError(
@@ -351,6 +369,10 @@ class GaussianPSF(LinearOperator):
             out = torch.nn.functional.conv1d(xt.reshape(-1, 1, shp[-1]), k.view(1, 1, -1), padding=r)
             x = out.reshape(shp).movedim(-1, dim)
         return x.contiguous()
+
+    def to(self, device) -> "GaussianPSF":
+        self._kernels = [None if k is None else (k[0], _CastCache(k[1].base.to(device))) for k in self._kernels]
+        return self
 
     def _apply(self, x):
         return self._blur(x)

@@ -30,13 +30,22 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _write_tmp(path: Path, data: bytes) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Temp files of an export killed half-way (they must never be shipped)."""
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
 
 
 def _paths(path) -> tuple[Path, Path]:
@@ -82,8 +91,14 @@ def save_prior(prior: ScorePrior, path, extra: dict | None = None) -> Path:
     card["weights_file"] = wpath.name
     card["weights_sha256"] = sha256_bytes(data)
     card["weights_bytes"] = len(data)
-    _atomic_write(wpath, data)
-    _atomic_write(cpath, (json.dumps(card, indent=2, sort_keys=False) + "\n").encode())
+    _remove_stale_tmp(wpath)
+    _remove_stale_tmp(cpath)
+    # both files written first, then two back-to-back renames: readers (and a commit) almost never
+    # see a weights file whose card is from another export, and never a half-written file
+    tmp_w = _write_tmp(wpath, data)
+    tmp_c = _write_tmp(cpath, (json.dumps(card, indent=2, sort_keys=False) + "\n").encode())
+    os.replace(tmp_w, wpath)
+    os.replace(tmp_c, cpath)
     prior.card = card
     return wpath
 

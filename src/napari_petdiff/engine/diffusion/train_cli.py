@@ -53,7 +53,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", help="JSON file with TrainConfig fields (flags override it)")
     p.add_argument("--resume", help="run directory or checkpoint to continue from (its config is reused)")
     for flag, (dest, typ, hlp) in _FLAGS.items():
-        p.add_argument(flag, dest="cfg_" + dest.replace(".", "__"), type=typ, default=None, help=hlp)
+        p.add_argument(flag, dest="cfg_" + dest.replace(".", "__"), type=typ, default=None, help=hlp,
+                       metavar=typ.__name__.upper())
     p.add_argument("--channel-mult", dest="cfg_channel_mult", type=_tuple_int, default=None,
                    help="UNet channel multipliers, e.g. 1,2,2,4")
     p.add_argument("--attention", dest="cfg_attention_resolutions", type=_tuple_int, default=None,
