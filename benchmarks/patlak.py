@@ -97,7 +97,7 @@ def main():
 def table(rows, counts, total, args) -> str:
     low = counts[-1]
     ls_low = next(r["NRMSE"] for r in rows if r["counts"] == low and r["method"] == "LS")
-    lines = [f"## Patlak Ki (dynamic FDG, 2-D brain)", "",
+    lines = ["## Patlak Ki (dynamic FDG, 2-D brain)", "",
              f"Machine: {machine()}; {prior_info()}. Command: `python benchmarks/patlak.py --counts "
              f"{' '.join(f'{c:.0e}' for c in counts)} --seed {args.seed}` ({total / 60:.1f} min in all).", "",
              "Brain phantom (deformation seed 900001) with a hot and a cold lesion, 2TCM kinetics with k4 = 0, "

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 os.environ.setdefault("NAPARI_PETDIFF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "napari-petdiff"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny test problems: one thread avoids OpenMP hand-off costs that dominate on a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 def blob_image(n=32, seed=0, nz=1):

@@ -79,3 +79,24 @@ def test_prior_must_fit_the_grid(use_tiny):
             reconstruct(sim.acquisition, "patlak-hqs", prior="tiny16", steps=2)
     finally:
         core._PRIOR_CACHE.pop(("tiny16", "cpu"), None)
+
+
+def test_three_d_slice_wise(use_tiny):
+    from napari_petdiff.engine.geometry import ParallelBeamGeometry
+    from napari_petdiff.engine.grid import ImageGrid
+    from napari_petdiff.engine.kinetics.compartment import kinetic_set
+    from napari_petdiff.engine.kinetics.simulate import frame_schedule, simulate_dynamic
+
+    from .test_kinetics import tiny_fractions
+
+    fr, mask = tiny_fractions()
+    fr3 = {k: np.repeat(v, 3, axis=0) for k, v in fr.items()}
+    grid = ImageGrid((3, 32, 32), (2.0, 2.0, 2.0))
+    geom = ParallelBeamGeometry(n_views=24, n_radial=47, radial_spacing_mm=1.6, n_planes=3)
+    sim = simulate_dynamic(fr3, grid, geom, None, kinetics=kinetic_set(), frames=frame_schedule(start_min=30),
+                           counts=6e5, seed=4)
+    for method, kw in (("patlak-hqs", {"steps": 3}), ("patlak-direct", {"iterations": 3}),
+                       ("patlak-red-diff", {"steps": 3})):
+        res = reconstruct(sim.acquisition, method, prior="tiny", **kw)
+        assert res.mean.shape == (3, 32, 32) and torch.isfinite(res.mean).all()
+        assert res.extra["intercept"].shape == (3, 32, 32)

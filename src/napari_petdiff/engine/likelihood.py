@@ -187,60 +187,83 @@ class PoissonLikelihood:
 
     # ---------------------------------------------------------- line search
     def line_search_to_target(self, x: torch.Tensor, d: torch.Tensor, target, alpha_max: float = 1.0,
-                              n_bisect: int = 40, q0: Optional[torch.Tensor] = None,
+                              n_iter: int = 30, q0: Optional[torch.Tensor] = None,
                               qd: Optional[torch.Tensor] = None):
         """Smallest step alpha in (0, alpha_max] along d with L(x + alpha d) >= target.
 
-        Uses only two sinograms (A x + b and A d): every trial alpha costs vector ops.
-        ``target`` is a float or a per-batch tensor. Returns (alpha, value, reached) per batch element;
-        where the target is out of reach alpha maximises L on [0, alpha_max].
+        ``phi(alpha) = sum_i y_i log(q0_i + alpha qd_i) - (lin0 + alpha lind)`` is concave, so
+        safeguarded Newton finds its maximiser on [0, alpha_max], then Newton from the left
+        (monotone for a concave function) solves ``phi = target``. Only two sinograms are needed
+        (A x + b and A d): every trial alpha costs vector ops on the bins with counts.
+        ``target`` is a float or a per-batch tensor. Returns (alpha, value, reached) per batch
+        element; where the target is out of reach alpha maximises L on [0, alpha_max].
         """
         p = self._full
         # Callers that already hold A x + b (or A d) pass them in to save projections.
         q0 = p.system.forward(x) + p.b if q0 is None else q0
         qd = p.system.forward(d) if qd is None else qd
-        data_dims = tuple(range(q0.ndim - p.y.ndim, q0.ndim))
-        batch_shape = q0.shape[: q0.ndim - p.y.ndim]
-        y = p.y.double()
-        q0d, qdd = q0.double(), qd.double()
+        nd = p.y.ndim
+        batch_shape = q0.shape[: q0.ndim - nd]
+        pos = (p.y > 0).reshape(-1)
+        y = p.y.reshape(-1)[pos].double()
+        q0p = q0.reshape(*batch_shape, -1)[..., pos].double()
+        qdp = qd.reshape(*batch_shape, -1)[..., pos].double()
         if self.listmode:
             img_dims = tuple(range(x.ndim - 3, x.ndim))
             lin0 = (p.sens.double() * x.double()).sum(dim=img_dims)
             lind = (p.sens.double() * d.double()).sum(dim=img_dims)
         else:
-            lin0, lind = q0d.sum(dim=data_dims), qdd.sum(dim=data_dims)
-        # Only bins whose expectation stays positive along the segment matter for the log.
-        lead = (Ellipsis,) + (None,) * y.ndim
+            lin0, lind = q0.double().sum(dim=tuple(range(-nd, 0))), qd.double().sum(dim=tuple(range(-nd, 0)))
+        # Largest alpha keeping every expectation with counts positive (log stays defined).
+        neg = qdp < 0
+        lim = torch.where(neg, -q0p / qdp.where(neg, torch.ones_like(qdp)), torch.full_like(qdp, float("inf")))
+        a_hi = torch.minimum(lim.amin(dim=-1) * (1 - 1e-9) if lim.numel() else lim.sum(-1),
+                             torch.full(batch_shape, float(alpha_max), dtype=torch.float64, device=x.device))
 
-        def phi(alpha):
-            q = (q0d + alpha[lead] * qdd).clamp_min(_TINY)
-            return torch.where(y > 0, y * q.log(), torch.zeros_like(q)).sum(dim=data_dims) - (lin0 + alpha * lind)
+        def q_at(a):
+            return (q0p + a[..., None] * qdp).clamp_min(_TINY)
 
-        def dphi(alpha):
-            q = (q0d + alpha[lead] * qdd).clamp_min(_TINY)
-            return (torch.where(y > 0, y * qdd / q, torch.zeros_like(q))).sum(dim=data_dims) - lind
+        def phi(a):
+            return (y * q_at(a).log()).sum(-1) - (lin0 + a * lind)
+
+        def derivs(a):
+            r = qdp / q_at(a)
+            return (y * r).sum(-1) - lind, -(y * r * r).sum(-1)
 
         target_t = torch.as_tensor(target, dtype=torch.float64, device=x.device).expand(batch_shape)
         zeros = torch.zeros(batch_shape, dtype=torch.float64, device=x.device)
-        amax = torch.full_like(zeros, float(alpha_max))
-        # phi is concave: locate its maximiser on [0, alpha_max] by bisection on phi'.
-        lo, hi = zeros.clone(), amax.clone()
-        inc_at_max = dphi(amax) >= 0
-        for _ in range(n_bisect):
-            mid = 0.5 * (lo + hi)
-            up = dphi(mid) > 0
-            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
-        a_best = torch.where(inc_at_max, amax, 0.5 * (lo + hi))
-        v_best = phi(a_best)
-        v0 = phi(zeros)
+        # 1) maximiser of phi on [0, a_hi]: safeguarded Newton on phi' (decreasing in alpha).
+        lo, hi = zeros.clone(), a_hi.clone()
+        g_hi, _ = derivs(hi)
+        a = torch.where(g_hi >= 0, hi, 0.5 * hi)
+        for _ in range(n_iter):
+            g, h = derivs(a)
+            lo = torch.where(g > 0, a, lo)
+            hi = torch.where(g > 0, hi, a)
+            step = a - g / h.clamp_max(-1e-300)
+            a_new = torch.where((step > lo) & (step < hi), step, 0.5 * (lo + hi))
+            a_new = torch.where(g_hi >= 0, a_hi, a_new)
+            if bool(((a_new - a).abs() <= 1e-12 * (1 + a.abs())).all()):
+                a = a_new
+                break
+            a = a_new
+        a_best = a
+        v_best, v0 = phi(a_best), phi(zeros)
         reached = v_best >= target_t
-        # Bisection for phi(alpha) = target on [0, a_best] where phi increases.
-        lo, hi = zeros.clone(), a_best.clone()
-        for _ in range(n_bisect):
-            mid = 0.5 * (lo + hi)
-            ok = phi(mid) >= target_t
-            lo, hi = torch.where(ok, lo, mid), torch.where(ok, mid, hi)
-        alpha = torch.where(reached, hi, a_best)
+        # 2) phi(alpha) = target on [0, a_best]: Newton from the left never overshoots (concavity).
+        a = zeros.clone()
+        for _ in range(n_iter):
+            v = phi(a)
+            g, _ = derivs(a)
+            step = (target_t - v) / g.clamp_min(1e-300)
+            a_new = torch.minimum(a + step.clamp_min(0), a_best)
+            done = (v >= target_t - 1e-12 * target_t.abs()) | ~reached
+            a_new = torch.where(done, a, a_new)
+            if bool(done.all()) or bool(((a_new - a).abs() <= 1e-14 * (1 + a.abs())).all()):
+                a = a_new
+                break
+            a = a_new
+        alpha = torch.where(reached, a, a_best)
         alpha = torch.where(v0 >= target_t, zeros, alpha)
         return alpha, phi(alpha), reached | (v0 >= target_t)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..run import Cancelled, CancelToken, Progress
@@ -49,6 +48,10 @@ class TrainConfig:
     lr_schedule: str = "constant"       # "constant" or "cosine" (both after a linear warm-up)
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    # "eps": plain epsilon MSE; "trunc-snr": epsilon MSE x min(1/alpha_bar_t, max_loss_weight), i.e.
+    # the x0 error at high noise (where 1/alpha_bar amplifies every epsilon error) gets its share
+    loss_weighting: str = "eps"
+    max_loss_weight: float = 25.0
     ema_decay: float = 0.999
     ema_start: int = 50
     ema_warmup: bool = True             # decay min(ema_decay, (1+k)/(10+k)), k steps after ema_start
@@ -118,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"steps and batch size must be >= 1; got steps={self.steps}, batch={self.batch_size}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine'; got {self.lr_schedule!r}")
+        if self.loss_weighting not in ("eps", "trunc-snr"):
+            raise ValueError(f"loss_weighting must be 'eps' or 'trunc-snr'; got {self.loss_weighting!r}")
         if self.data_sharding not in ("rank", "global"):
             raise ValueError(f"data_sharding must be 'rank' or 'global'; got {self.data_sharding!r}")
         m = 2 ** (len(self.channel_mult) - 1)
@@ -282,10 +287,11 @@ def export_ema(cfg: TrainConfig, ema: dict, step: int, wall_s: float, loss_recen
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "training": {
             "loss_recent_mean": loss_recent, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "ema_decay": cfg.ema_decay,
+            "lr_schedule": cfg.lr_schedule, "loss_weighting": cfg.loss_weighting,
+            "max_loss_weight": cfg.max_loss_weight, "warmup_steps": cfg.warmup_steps, "ema_decay": cfg.ema_decay,
             "ema_start": cfg.ema_start, "ema_warmup": cfg.ema_warmup, "grad_clip": cfg.grad_clip, "bf16_autocast": cfg.bf16,
             "channels_last": cfg.channels_last, "seed": cfg.seed, "world_size": world,
-            "slices_seen": step * cfg.batch_size, "loss": "MSE(eps, eps_theta(x_t, t)), t ~ U{0..T-1}",
+            "slices_seen": step * cfg.batch_size, "loss": "MSE(eps, eps_theta(x_t, t)), t ~ U{0..T-1}, weighted per loss_weighting",
             "data": cfg.data.to_dict(),
             "augmentation": "support-mean normalisation, x U(scale_range), left-right flips; "
                             "slices axial/coronal/sagittal with orientation_probs, zero-padded to image_size",
@@ -390,9 +396,15 @@ def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
                     g["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     pred = model(x_t, t)
-                loss = F.mse_loss(pred.float(), eps)
+                per_image = (pred.float() - eps).square().mean(dim=(1, 2, 3))
+                loss = per_image.mean()  # logged: the plain epsilon MSE, comparable across weightings
+                if cfg.loss_weighting == "trunc-snr":
+                    w = (1.0 / a.view(-1)).clamp(max=cfg.max_loss_weight)
+                    objective = (w * per_image).mean()
+                else:
+                    objective = loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
                 opt.step()
                 step += 1

@@ -16,6 +16,8 @@ _FLAGS = {
     "--batch-size": ("batch_size", int, "global batch size (split over torchrun processes)"),
     "--lr": ("lr", float, "Adam learning rate (default 2e-4)"),
     "--lr-schedule": ("lr_schedule", str, "constant or cosine (after warm-up)"),
+    "--loss-weighting": ("loss_weighting", str, "eps (plain) or trunc-snr (eps MSE x min(1/alpha_bar, max))"),
+    "--max-loss-weight": ("max_loss_weight", float, "cap of the trunc-snr weight (default 25)"),
     "--warmup": ("warmup_steps", int, "linear warm-up steps"),
     "--ema-decay": ("ema_decay", float, "EMA decay (default 0.999)"),
     "--ema-start": ("ema_start", int, "steps before the EMA starts averaging"),
