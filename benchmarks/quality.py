@@ -28,7 +28,7 @@ from napari_petdiff.engine.samples import make_scan  # noqa: E402
 FIG = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
-def methods_and_sweeps(counts: float, quick: bool):
+def methods_and_sweeps(counts: float, quick: bool, steps: int = 50):
     tr = float(counts)
     # MAP-RDP beta scales with counts (RDP gradient is scale-free, the likelihood's is not).
     betas = [tr * f for f in ((3e-6, 1e-5, 3e-5) if quick else (1e-6, 3e-6, 1e-5, 3e-5, 1e-4))]
@@ -36,10 +36,10 @@ def methods_and_sweeps(counts: float, quick: bool):
         "OSEM": ("osem", "iterations", [1, 2, 4, 8] if quick else [1, 2, 3, 4, 6, 8, 12], dict(subsets=8)),
         "MAP-RDP": ("map-rdp", "beta", betas, dict(epochs=20, subsets=8)),
         "PET-DDS": ("dds", "anchor", [0.0, 0.3, 1.0] if quick else [0.0, 0.1, 0.3, 1.0],
-                    dict(steps=50, dc_iterations=3, samples=2, batch=2)),
+                    dict(steps=steps, dc_iterations=3, samples=2, batch=2)),
         "PET-LiSch": ("lisch", "target_iteration", [5.0, 10.0, 20.0] if quick else [3.0, 6.0, 10.0, 20.0, 40.0],
-                      dict(steps=50, samples=2, batch=2)),
-        "DPS": ("dps", "zeta", [0.3, 1.0] if quick else [0.1, 0.3, 1.0, 3.0], dict(steps=50, samples=2, batch=2)),
+                      dict(steps=steps, samples=2, batch=2)),
+        "DPS": ("dps", "zeta", [0.3, 1.0] if quick else [0.1, 0.3, 1.0, 3.0], dict(steps=2 * steps, samples=2, batch=2)),
     }
 
 
@@ -59,13 +59,14 @@ def main():
     ap.add_argument("--counts", type=float, nargs="+", default=[3e4, 1e5, 1e6])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="small sweeps (for a smoke run)")
+    ap.add_argument("--steps", type=int, default=50, help="diffusion steps (DPS uses twice as many)")
     ap.add_argument("--subject-seed", type=int, default=900001)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     table, best_imgs, timing, bias_var = [], {}, {}, {}
     for counts in args.counts:
-        sweeps = methods_and_sweeps(counts, args.quick)
+        sweeps = methods_and_sweeps(counts, args.quick, args.steps)
         scores = {name: {v: [] for v in sw[2]} for name, sw in sweeps.items()}
         imgs = {name: {v: [] for v in sw[2]} for name, sw in sweeps.items()}
         stds = {}
@@ -100,8 +101,11 @@ def main():
             bias_var[(counts, name)] = (bias, sd)
         best_imgs[(counts, "truth")] = (truth[0].numpy(), None)
 
-    lines = [f"Machine: {machine()}. Command: `python benchmarks/quality.py --realisations {args.realisations}"
-             f"{' --quick' if args.quick else ''}`. 2-D FDG brain slice (128x128, 2 mm) with a hot and a cold "
+    from napari_petdiff.engine.samplers.core import get_prior
+    card = get_prior("brain-fdg-2d", torch.device("cpu")).card
+    lines = [f"Prior: brain-fdg-2d after {card.get('steps')} training steps ({card.get('date', '')[:16]}). "
+             f"Machine: {machine()}. Command: `python benchmarks/quality.py --realisations {args.realisations}"
+             f"{' --quick' if args.quick else ''} --steps {args.steps}`. 2-D FDG brain slice (128x128, 2 mm) with a hot and a cold "
              f"lesion, held-out deformation seed {args.subject_seed}, background fraction 0.3, "
              f"{args.realisations} noise realisations per count level; mean ± std over realisations at the "
              "sweep-best parameter (oracle by NRMSE). Diffusion methods: mean of 2 posterior samples.", "",

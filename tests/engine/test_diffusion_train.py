@@ -127,10 +127,11 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path):
 
 def test_resume_is_exact_and_checkpoints_rotate(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    run(small_cfg(a, steps=6, batch_size=4, workers=1, checkpoint_every=2))
+    w = dict(loss_weighting="trunc-snr", max_loss_weight=10.0)
+    run(small_cfg(a, steps=6, batch_size=4, workers=1, checkpoint_every=2, **w))
     assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
-    run(small_cfg(b, steps=3, batch_size=4))
-    run(small_cfg(b, steps=6, batch_size=4, resume=str(b)))
+    run(small_cfg(b, steps=3, batch_size=4, **w))
+    run(small_cfg(b, steps=6, batch_size=4, resume=str(b), **w))
     ta, tb = ckpt_tensors(a, 6), ckpt_tensors(b, 6)
     for f in ta:
         assert ta[f].keys() == tb[f].keys()

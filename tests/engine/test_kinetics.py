@@ -271,3 +271,14 @@ def test_registry_and_cancel():
     tok.cancel()
     with pytest.raises(Cancelled):
         drive(spec.run(sim.acquisition, make_params(spec.params), tok))
+
+
+def test_mid_frame_timing_is_close_to_frame_average():
+    sim, _ = tiny_dynamic(noise=False, model="patlak")
+    avg = patlak_setup(sim.acquisition, 30.0)
+    mid = patlak_setup(sim.acquisition, 30.0, timing="mid")
+    np.testing.assert_allclose(mid.u, avg.u, rtol=5e-3)
+    np.testing.assert_allclose(mid.v, avg.v, rtol=5e-3)
+    assert not np.allclose(mid.u, avg.u, rtol=1e-6)
+    with pytest.raises(ValueError, match="timing"):
+        patlak_setup(sim.acquisition, 30.0, timing="start")

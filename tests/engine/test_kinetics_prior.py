@@ -77,6 +77,8 @@ def test_prior_must_fit_the_grid(use_tiny):
     try:
         with pytest.raises(ValueError, match="does not fit prior"):
             reconstruct(sim.acquisition, "patlak-hqs", prior="tiny16", steps=2)
+        with pytest.raises(ValueError, match=">= 3 frames"):
+            reconstruct(sim.acquisition, "patlak-red-diff", prior="tiny", t_star=50.0)
     finally:
         core._PRIOR_CACHE.pop(("tiny16", "cpu"), None)
 

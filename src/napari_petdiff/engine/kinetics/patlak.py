@@ -121,7 +121,8 @@ def patlak_setup(acq, t_star_min: float = 30.0, timing: str = "average", input_f
         w = np.ones(idx.size)
     else:
         # var(C_m) ~ frame counts / (kappa D_m)^2: weight = inverse variance proxy
-        counts = acq.prompts.index_select(0, torch.as_tensor(idx)).flatten(1).sum(1).double().numpy()
+        sel = torch.as_tensor(idx, device=acq.prompts.device)
+        counts = acq.prompts.index_select(0, sel).flatten(1).sum(1).double().cpu().numpy()
         w = dint ** 2 / np.maximum(counts, 1.0)
     w = w / w.mean()
     return PatlakSetup(idx, fr.start_s[idx].copy(), fr.stop_s[idx].copy(), u, v, dint, kappa, w,

@@ -60,7 +60,11 @@ def run_dps(acq, params: DPSParams, cancel, device=None):
                 dev_ = _deviance(lik, u)
                 (g,) = torch.autograd.grad(dev_.clamp_min(1e-12).sqrt().sum(), x)
             noise = torch.randn(x.shape, generator=gen).to(dev) if params.eta > 0 else None
-            x = sched.ddim_step(x0.detach(), eps.detach(), t, t_next, params.eta, noise=noise) - params.zeta * g
+            # Non-negative x0 in the deterministic part, as the other samplers' DC steps give: an
+            # early negative Tweedie estimate (amplified by 1/sqrt(alpha_bar) at large t) would
+            # otherwise drag the whole trajectory below zero.
+            x0_nn = lik.mask(x0.detach().clamp_min(0))
+            x = sched.ddim_step(x0_nn, eps.detach(), t, t_next, params.eta, noise=noise) - params.zeta * g
             u = u.detach()
             trace.append(float(lik.value(u).mean()))
             done = b * len(ts) + i + 1
