@@ -34,6 +34,7 @@ test: install
 bench: install
 	$(PY) benchmarks/projector.py
 	$(PY) benchmarks/classical.py
+	$(PY) benchmarks/patlak.py
 
 screenshots: install
 	xvfb-run -a -s "-screen 0 1600x1000x24" $(PY) docs/make_screenshots.py

@@ -145,7 +145,9 @@ def table(rows, counts, total, args, std=None) -> str:
              "methods. Counts = expected trues over the 6 frames (+30 % randoms/scatter). Metrics inside the "
              "brain mask against the noise-free Patlak Ki; one noise realisation per dose; fixed parameters "
              "(see the script; chosen on another phantom and noise seed at 1e6 counts); the lesion bias is "
-             "mean Ki in the hot lesion vs truth. `V` = intercept.", "",
+             "mean Ki in the hot lesion vs truth. `V` = intercept. Times are wall clock on the shared 2-core "
+             "machine (the prior's training ran alongside, so the same method took 2-90 s at different moments "
+             "of one run): compare them only roughly.", "",
              "| counts | method | Ki NRMSE | Ki PSNR (dB) | Ki SSIM | hot-lesion Ki bias | V NRMSE | NRMSE / LS "
              "| time (s) |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -10,7 +10,8 @@ from ..engine.params import field_type, fields_of
 def add_parser(sub) -> None:
     p = sub.add_parser("simulate", help="simulate a PET acquisition from a built-in phantom")
     p.add_argument("--phantom", default="brain2d", choices=["brain2d", "brain3d", "shepp2d"])
-    p.add_argument("--counts", type=float, default=1e5, help="total expected trues (default 1e5)")
+    p.add_argument("--counts", type=float, default=None,
+                   help="total expected trues (default 1e5; 3e6 over the Patlak frames with --dynamic)")
     p.add_argument("--background-fraction", type=float, default=0.3,
                    help="randoms + scatter as a fraction of the trues (default 0.3)")
     p.add_argument("--psf-fwhm", type=float, default=0.0, help="resolution (Gaussian PSF FWHM) in mm")
@@ -34,6 +35,8 @@ def cmd_simulate(args) -> int:
     from ..engine.io import save_acquisition
     from ..engine.samples import make_scan
 
+    if args.counts is None:
+        args.counts = 3e6 if args.dynamic else 1e5
     if args.dynamic:
         from ..engine.kinetics.simulate import make_dynamic_scan
         acq, images = make_dynamic_scan(phantom=args.phantom, counts=args.counts,

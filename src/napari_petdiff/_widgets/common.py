@@ -161,4 +161,11 @@ def safe_canvas(figure):
         def draw_idle(self):  # noqa: D401 - matplotlib API
             self._idle_timer.start()
 
+        def draw(self):
+            # A redraw queued by matplotlib can fire after Qt deleted the canvas (dock closed).
+            try:
+                super().draw()
+            except RuntimeError:
+                pass
+
     return _Canvas(figure)
