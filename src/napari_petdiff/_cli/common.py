@@ -69,3 +69,41 @@ def add_params_options(parser: argparse.ArgumentParser, params_cls) -> None:
 
 def params_from_namespace(params_cls, ns) -> dict:
     return {f.name: getattr(ns, f.name) for f in fields_of(params_cls)}
+
+
+def run_and_write(spec, acq, params, device: str, out_dir, input_path, images: dict) -> int:
+    """Run a method with a progress bar and write ``images`` (name -> Result attribute or extra) +
+    run.json; Ctrl-C cancels and writes nothing. Shared by `petdiff recon` and `petdiff patlak`."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ..engine.io import write_nifti
+    from ..engine.params import params_to_dict
+    from ..engine.run import CancelToken, Cancelled, drive
+
+    cancel = CancelToken()
+    t0 = time.time()
+    try:
+        result = drive(spec.run(acq, params, cancel, device=torch.device(device)), ProgressBar())
+    except (KeyboardInterrupt, Cancelled):
+        cancel.cancel()
+        print("\ncancelled: nothing written")
+        return 130
+    elapsed = time.time() - t0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {fname: getattr(result, attr) for fname, attr in images.items()}
+    arrays.update({name: img for name, img in result.extra.items()})
+    written = []
+    for name, img in arrays.items():
+        if img is not None:
+            write_nifti(out / f"{name}.nii.gz", img, acq.grid)
+            written.append(f"{name}.nii.gz")
+    run = {"method": spec.name, "params": params_to_dict(params), "input": str(input_path),
+           "seconds": round(elapsed, 3), "likelihood": [float(v) for v in result.likelihood],
+           "warnings": result.warnings, "metadata": result.metadata, "grid": acq.grid.to_dict()}
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
+    print(f"wrote {', '.join(written)}, run.json to {out} ({elapsed:.1f} s)")
+    return 0

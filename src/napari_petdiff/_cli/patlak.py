@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
-import torch
 
-from .common import ProgressBar, add_params_options, params_from_namespace
+from .common import add_params_options, params_from_namespace, run_and_write
 
 SHORT = {"ls": "patlak-ls", "wls": "patlak-wls", "red-diff": "patlak-red-diff", "hqs": "patlak-hqs",
          "direct": "patlak-direct"}
@@ -36,9 +32,8 @@ def _spec(method: str):
 
 
 def cmd_patlak(args) -> int:
-    from ..engine.io import load_acquisition, write_nifti
-    from ..engine.params import make_params, params_to_dict
-    from ..engine.run import CancelToken, Cancelled, drive
+    from ..engine.io import load_acquisition
+    from ..engine.params import make_params
 
     spec = _spec(args.method)
     mp = argparse.ArgumentParser(prog=f"petdiff patlak FILE --method {args.method}", description=spec.description)
@@ -54,26 +49,4 @@ def cmd_patlak(args) -> int:
     if not acq.is_dynamic:
         raise ValueError(f"{args.file} is a static acquisition; Patlak needs dynamic data "
                          "(`petdiff simulate --dynamic` makes one)")
-    cancel = CancelToken()
-    bar = ProgressBar()
-    t0 = time.time()
-    try:
-        result = drive(spec.run(acq, params, cancel, device=torch.device(args.device)), bar)
-    except (KeyboardInterrupt, Cancelled):
-        cancel.cancel()
-        print("\ncancelled: nothing written")
-        return 130
-    elapsed = time.time() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_nifti(out / "ki.nii.gz", result.mean, acq.grid)
-    written = ["ki.nii.gz"]
-    for name, img in result.extra.items():
-        write_nifti(out / f"{name}.nii.gz", img, acq.grid)
-        written.append(f"{name}.nii.gz")
-    run = {"method": spec.name, "params": params_to_dict(params), "input": str(args.file),
-           "seconds": round(elapsed, 3), "likelihood": [float(v) for v in result.likelihood],
-           "warnings": result.warnings, "metadata": result.metadata, "grid": acq.grid.to_dict()}
-    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
-    print(f"wrote {', '.join(written)}, run.json to {out} ({elapsed:.1f} s)")
-    return 0
+    return run_and_write(spec, acq, params, args.device, args.out, args.file, {"ki": "mean"})

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
-import torch
 
-from .common import ProgressBar, add_params_options, params_from_namespace
+from .common import add_params_options, params_from_namespace, run_and_write
 
 
 def add_parser(sub) -> None:
@@ -23,10 +19,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_recon(args) -> int:
-    from ..engine.io import load_acquisition, write_nifti
+    from ..engine.io import load_acquisition
     from ..engine.methods import get_method
-    from ..engine.params import make_params, params_to_dict
-    from ..engine.run import CancelToken, Cancelled, drive
+    from ..engine.params import make_params
 
     spec = get_method(args.method)
     mp = argparse.ArgumentParser(prog=f"petdiff recon FILE --method {spec.name}", description=spec.description)
@@ -45,31 +40,4 @@ def cmd_recon(args) -> int:
         if args.frame is None:
             raise ValueError("this acquisition is dynamic: choose a frame with --frame K, or use `petdiff patlak`")
         acq = acq.frame(args.frame)
-    cancel = CancelToken()
-    bar = ProgressBar()
-    t0 = time.time()
-    try:
-        result = drive(spec.run(acq, params, cancel, device=torch.device(args.device)), bar)
-    except (KeyboardInterrupt, Cancelled):
-        print("\ncancelled: nothing written")
-        return 130
-    elapsed = time.time() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_nifti(out / "mean.nii.gz", result.mean, acq.grid)
-    written = ["mean.nii.gz"]
-    if result.std is not None:
-        write_nifti(out / "std.nii.gz", result.std, acq.grid)
-        written.append("std.nii.gz")
-    if result.samples is not None:
-        write_nifti(out / "samples.nii.gz", result.samples, acq.grid)
-        written.append("samples.nii.gz")
-    for name, img in result.extra.items():
-        write_nifti(out / f"{name}.nii.gz", img, acq.grid)
-        written.append(f"{name}.nii.gz")
-    run = {"method": spec.name, "params": params_to_dict(params), "input": str(args.file),
-           "seconds": round(elapsed, 3), "likelihood": [float(v) for v in result.likelihood],
-           "warnings": result.warnings, "metadata": result.metadata, "grid": acq.grid.to_dict()}
-    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
-    print(f"wrote {', '.join(written)}, run.json to {out} ({elapsed:.1f} s)")
-    return 0
+    return run_and_write(spec, acq, params, args.device, args.out, args.file, {"mean": "mean", "std": "std", "samples": "samples"})
