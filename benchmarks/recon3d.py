@@ -48,6 +48,9 @@ def main():
         (f"PET-LiSch xy, {s} steps", "lisch", dict(steps=s, target_iteration=10.0)),
         (f"PET-LiSch all 3 orientations, {s} steps", "lisch", dict(steps=s, target_iteration=10.0,
                                                                     orientation="all")),
+        (f"PET-LiSch + SCD (LoRA, 4 slices per Adam step), {s} steps", "lisch-scd",
+         dict(steps=s, target_iteration=10.0, adapt_every=2)),
+        (f"DDIP-HQS (LoRA, 4 slices per Adam step), {s} steps", "ddip-hqs", dict(steps=s)),
     ]
     rows = []
     for label, method, kw in runs:

@@ -117,3 +117,85 @@ def test_grid_validation_and_napari_mapping():
     rot = np.eye(4); rot[:2, :2] = [[0, -1], [1, 0]]
     with pytest.raises(ValueError, match="rotated"):
         ImageGrid.from_nifti_affine((4, 4, 1), rot)
+
+
+# ------------------------------------------------------------------- MR image
+def _mr(grid, seed=0):
+    return torch.rand(grid.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_mr_is_validated_with_helpful_messages(small_setup):
+    grid, geom = small_setup
+    a = _acq(small_setup, mr=np.asarray(_mr(grid)))  # numpy is accepted like the other fields
+    assert a.mr.dtype == torch.float32 and tuple(a.mr.shape) == grid.shape
+    assert "MR image: attached" in a.describe() and "MR image: none" in _acq(small_setup).describe()
+    with pytest.raises(ValueError, match=r"shape \(1, 16, 16\).*\(1, 32, 32\).*resample the MR to the PET"):
+        _acq(small_setup, mr=torch.ones(1, 16, 16))
+    with pytest.raises(ValueError, match="resample"):
+        a.with_mr(torch.ones(32, 32))  # a 2-D slice needs its z axis of size 1
+    bad = _mr(grid)
+    bad[0, 3, 4] = float("nan")
+    bad[0, 5, 6] = float("inf")
+    with pytest.raises(ValueError, match="MR image contains 2 NaN or infinite"):
+        _acq(small_setup, mr=bad)
+    with pytest.raises(ValueError, match="NaN"):
+        a.with_mr(bad)
+
+
+def test_with_mr_shares_the_rest_and_frame_keeps_mr(small_setup):
+    grid, geom = small_setup
+    a = _acq(small_setup, metadata={"name": "a"})
+    mr = _mr(grid)
+    b = a.with_mr(mr)
+    assert a.mr is None and torch.equal(b.mr, mr)
+    assert b.prompts is a.prompts and b.geometry is a.geometry and b.grid == a.grid
+    b.metadata["name"] = "b"
+    assert a.metadata["name"] == "a"
+    assert b.with_mr(None).mr is None and b.mr is not None
+    dyn = Acquisition(torch.ones(2, *geom.sinogram_shape), geom, grid, frames=FrameTiming([0, 10], [10, 20]), mr=mr)
+    f1 = dyn.frame(1)
+    assert not f1.is_dynamic and torch.equal(f1.mr, mr)
+
+
+def _tensor_span(path, name):
+    """Byte range of one tensor inside a safetensors file (8-byte header length, JSON header, data)."""
+    import json
+
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    start, stop = json.loads(raw[8:8 + n])[name]["data_offsets"]
+    return 8 + n + start, 8 + n + stop
+
+
+def test_mr_round_trip_and_checksum(tmp_path, small_acq):
+    acq = small_acq.acquisition.with_mr(_mr(small_acq.acquisition.grid))
+    p = save_acquisition(tmp_path / "a.petacq", acq, {"truth": small_acq.truth, "mr": acq.mr})
+    b = load_acquisition(p)
+    torch.testing.assert_close(b.mr, acq.mr, rtol=0, atol=0)
+    assert set(load_acquisition_images(p)) == {"truth"}  # the acquisition's MR is stored once, as "mr"
+    start, stop = _tensor_span(p, "mr")
+    raw = bytearray(p.read_bytes())
+    raw[(start + stop) // 2] ^= 0x01
+    (tmp_path / "flip.petacq").write_bytes(bytes(raw))
+    with pytest.raises(FileFormatError, match="checksum"):
+        load_acquisition(tmp_path / "flip.petacq")
+    # a reference MR that differs from the attached one is kept as a reference image
+    other = _mr(acq.grid, seed=5)
+    p2 = save_acquisition(tmp_path / "b.petacq", acq, {"mr": other})
+    torch.testing.assert_close(load_acquisition_images(p2)["mr"], other)
+    torch.testing.assert_close(load_acquisition(p2).mr, acq.mr)
+
+
+def test_file_without_mr_tensor_still_loads(tmp_path, small_acq):
+    from safetensors import safe_open
+
+    acq = small_acq.acquisition
+    assert acq.mr is None
+    # What earlier versions wrote: the MR only as a reference image, no "mr" tensor.
+    p = save_acquisition(tmp_path / "old.petacq", acq, {"mr": _mr(acq.grid)})
+    with safe_open(str(p), framework="pt") as f:
+        assert "mr" not in set(f.keys()) and "image:mr" in set(f.keys())
+    b = load_acquisition(p)
+    assert b.mr is None
+    torch.testing.assert_close(b.prompts, acq.prompts)
+    assert "mr" in load_acquisition_images(p)

@@ -67,3 +67,59 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "napari_petdiff.cli", "methods"], capture_output=True, text=True)
     assert r.returncode == 0 and "osem" in r.stdout
+
+
+# ------------------------------------------------------------------- MR image
+@pytest.fixture(scope="module")
+def shepp_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("mr") / "scan.petacq"
+    assert main(["simulate", "--phantom", "shepp2d", "--counts", "1e4", "--seed", "2", "--out", str(f)]) == 0
+    return f
+
+
+def test_make_scan_attaches_the_phantom_mr():
+    from napari_petdiff.engine.samples import make_phantom, make_scan
+
+    acq, images = make_scan("shepp2d", counts=1e4)
+    assert acq.mr is not None and tuple(acq.mr.shape) == acq.grid.shape
+    torch.testing.assert_close(acq.mr, images["mr"])
+    np.testing.assert_allclose(acq.mr.numpy(), make_phantom("shepp2d").mr)
+
+
+def test_simulate_writes_the_mr_and_info_reports_it(shepp_file, capsys):
+    from napari_petdiff.engine.io import load_acquisition
+
+    acq = load_acquisition(shepp_file)
+    assert acq.mr is not None and tuple(acq.mr.shape) == acq.grid.shape
+    capsys.readouterr()
+    assert main(["info", str(shepp_file)]) == 0
+    assert "MR image: attached" in capsys.readouterr().out
+
+
+def test_recon_mr_option_attaches_or_refuses(shepp_file, tmp_path, capsys, monkeypatch):
+    from napari_petdiff.engine.io import load_acquisition, write_nifti
+    from napari_petdiff.engine.grid import ImageGrid
+
+    ran = []
+    monkeypatch.setattr("napari_petdiff._cli.recon.run_and_write", lambda spec, acq, *a, **kw: ran.append(acq) or 0)
+    stored = load_acquisition(shepp_file)
+    recon = ["recon", str(shepp_file), "--method", "osem", "--iterations", "1", "--out", str(tmp_path / "o")]
+    assert main(recon) == 0
+    torch.testing.assert_close(ran[-1].mr, stored.mr)  # without --mr: the file's MR
+    mine = 0.5 * stored.mr.numpy() + 0.1
+    write_nifti(tmp_path / "mr.nii.gz", mine, stored.grid)
+    assert main(recon + ["--mr", str(tmp_path / "mr.nii.gz")]) == 0
+    np.testing.assert_allclose(ran[-1].mr.numpy(), mine, rtol=1e-6)  # --mr overrides it
+    n_runs = len(ran)
+    capsys.readouterr()
+    write_nifti(tmp_path / "small.nii.gz", np.ones((1, 64, 64), np.float32), ImageGrid((1, 64, 64), (4.0, 4.0, 2.0)))
+    assert main(recon + ["--mr", str(tmp_path / "small.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not match the PET reconstruction grid" in err and "resample" in err
+    shifted = ImageGrid(stored.grid.shape, stored.grid.voxel_size, tuple(o + 10.0 for o in stored.grid.origin))
+    write_nifti(tmp_path / "shifted.nii.gz", mine, shifted)
+    assert main(recon + ["--mr", str(tmp_path / "shifted.nii.gz")]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert main(recon + ["--mr", str(tmp_path / "missing.nii.gz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert len(ran) == n_runs  # nothing ran on a refused MR

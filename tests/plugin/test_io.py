@@ -92,3 +92,24 @@ def test_manifest_validates_with_imports():
     submenus = {s.id for s in pm.contributions.submenus or []}
     for menu_id in pm.contributions.menus:
         assert menu_id in contributable or menu_id in submenus, f"napari would silently drop menu {menu_id}"
+
+
+def test_reader_and_sample_data_show_the_acquisitions_mr(tmp_path):
+    import torch
+
+    from napari_petdiff._sample_data import scan_layers
+
+    acq, truth = small_scan()
+    mr = torch.rand(acq.grid.shape, generator=torch.Generator().manual_seed(0))
+    path = save_acquisition(tmp_path / "scan.petacq", acq.with_mr(mr), {"truth": truth})
+    by_name = {kw["name"]: (data, kw, kind) for data, kw, kind in get_reader(str(path))(str(path))}
+    assert set(by_name) == {"scan prompts", "scan truth", "scan mr"}
+    data, kw, kind = by_name["scan mr"]
+    assert kind == "image" and kw["metadata"][KEY_ROLE] == "mr"
+    np.testing.assert_array_equal(data, mr.numpy())
+    assert tuple(kw["scale"]) == acq.grid.voxel_size and tuple(kw["translate"]) == acq.grid.origin
+    torch.testing.assert_close(by_name["scan prompts"][1]["metadata"][KEY_ACQ].mr, mr)
+    layers = {kw["name"]: (data, kw) for data, kw, _ in scan_layers("shepp2d", 1e4)}
+    sample_acq = layers["shepp2d prompts"][1]["metadata"][KEY_ACQ]
+    assert sample_acq.mr is not None
+    np.testing.assert_array_equal(layers["shepp2d mr"][0], sample_acq.mr.numpy())

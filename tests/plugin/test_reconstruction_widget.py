@@ -1,6 +1,8 @@
 """Reconstruction widget + worker logic against a canvas-less ViewerModel, with fake methods."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -208,3 +210,82 @@ def test_likelihood_curve_is_computed_from_mlem(qtbot, fake_methods):
     with qtbot.waitSignal(w.target_plot.curve_ready, timeout=TIMEOUT):
         w.form.set_value("target_iteration", 20.0)
     assert len(w.target_plot.values) == 41
+
+
+# ------------------------------------------------------------------- MR image
+def _mr_viewer():
+    """A viewer with one fake acquisition that carries its own MR (shown as its 'mr' layer)."""
+    import torch
+    from napari.components import ViewerModel
+
+    from napari_petdiff._widgets.layers import acquisition_layer_data
+
+    from .conftest import add_layer_data, fake_acquisition
+
+    viewer = ViewerModel()
+    acq = fake_acquisition(name="withmr")
+    acq = acq.with_mr(torch.rand(acq.grid.shape, generator=torch.Generator().manual_seed(4)))
+    add_layer_data(viewer, acquisition_layer_data(acq, name="withmr"))
+    return viewer, acq
+
+
+def test_mr_selector_attaches_a_chosen_layer(qtbot, widget, model_viewer):
+    from napari_petdiff._widgets.layers import acquisition_of, grid_kwargs
+    from napari_petdiff._widgets.reconstruction import MR_NONE, MR_OWN
+
+    acq = acquisition_of(model_viewer.layers["fake prompts"])
+    t1 = np.random.default_rng(0).random(acq.grid.shape).astype(np.float32)
+    model_viewer.add_image(t1, name="T1", **grid_kwargs(acq.grid))
+    # a new image layer is listed but never chosen by itself
+    items = [widget.mr_picker.itemText(i) for i in range(widget.mr_picker.count())]
+    assert items[:2] == [MR_OWN, MR_NONE] and {"T1", "fake truth"} <= set(items)
+    assert "fake prompts" not in items and widget.mr_picker.currentText() == MR_OWN
+    assert widget.mr_picker.select("T1")
+    run_and_wait(qtbot, widget)
+    np.testing.assert_array_equal(widget.session.acquisition.mr.numpy(), t1)
+    assert acquisition_of(model_viewer.layers["fake prompts"]).mr is None  # the loaded acquisition is untouched
+    assert model_viewer.layers["fake mean"].metadata["petdiff_mr"] == "T1"
+    assert "fake mean" not in [widget.mr_picker.itemText(i) for i in range(widget.mr_picker.count())]
+
+
+def test_mr_selector_defaults_to_the_acquisitions_own_mr_or_none(qtbot, fake_methods):
+    viewer, acq = _mr_viewer()
+    assert "withmr mr" in viewer.layers
+    w = ReconstructionWidget(viewer)
+    qtbot.addWidget(w)
+    w.set_method("fake")
+    assert "with MR" in w.acq_info.text()
+    run_and_wait(qtbot, w)
+    assert w.session.acquisition is acq  # own MR: run on the acquisition as it is
+    assert w.mr_picker.select("none")
+    run_and_wait(qtbot, w)
+    assert w.session.acquisition.mr is None and acq.mr is not None
+    assert viewer.layers["fake mean"].metadata["petdiff_mr"] is None
+    # a newly loaded acquisition gets its own MR again, not the choice made for the previous one
+    from napari_petdiff._widgets.layers import acquisition_layer_data
+
+    from .conftest import add_layer_data, fake_acquisition
+
+    add_layer_data(viewer, acquisition_layer_data(fake_acquisition(name="other"), name="other"))
+    assert w.acq_picker.currentText() == "other prompts"
+    assert w.mr_picker.currentText() == "acquisition's own" and "no MR" in w.acq_info.text()
+
+
+@pytest.mark.parametrize("shape,placed,match", [
+    ((1, 8, 8), True, r"MR layer 'bad' has shape \(1, 8, 8\) but the PET reconstruction grid is \(1, 16, 16\)"),
+    ((1, 16, 16), False, "MR layer 'bad' is placed with scale"),
+])
+def test_misfit_mr_layer_is_a_clear_error(qtbot, widget, model_viewer, monkeypatch, shape, placed, match):
+    from napari_petdiff._widgets.layers import acquisition_of, grid_kwargs
+
+    shown = []
+    monkeypatch.setattr("napari_petdiff._widgets.reconstruction.notify_error", shown.append)
+    grid = acquisition_of(model_viewer.layers["fake prompts"]).grid
+    model_viewer.add_image(np.ones(shape, np.float32), name="bad", **(grid_kwargs(grid) if placed else {}))
+    assert widget.mr_picker.select("bad")
+    with qtbot.waitSignal(widget.run_failed, timeout=TIMEOUT) as blocker:
+        widget.run_button.click()
+    assert re.search(match, blocker.args[0]) and "resample" in blocker.args[0].lower()
+    assert widget.status.text().startswith("error: MR layer 'bad'") and shown == [blocker.args[0]]
+    assert widget.session is None and widget.run_button.isEnabled()
+    assert "fake mean" not in model_viewer.layers

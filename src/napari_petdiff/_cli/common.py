@@ -71,7 +71,22 @@ def params_from_namespace(params_cls, ns) -> dict:
     return {f.name: getattr(ns, f.name) for f in fields_of(params_cls)}
 
 
-def run_and_write(spec, acq, params, device: str, out_dir, input_path, images: dict) -> int:
+def method_params(spec, prog: str, args, usage: str):
+    """The method's own options (``args._rest``) as validated params; None after ``--help``."""
+    from ..engine.params import make_params
+
+    mp = argparse.ArgumentParser(prog=prog, description=spec.description)
+    add_params_options(mp, spec.params)
+    if args.help:
+        mp.print_help()
+        return None
+    ns = mp.parse_args(args._rest)
+    if not args.file or not args.out:
+        raise ValueError(usage)
+    return make_params(spec.params, params_from_namespace(spec.params, ns))
+
+
+def run_and_write(spec, acq, params, device: str, out_dir, input_path, images: dict, inputs: dict | None = None) -> int:
     """Run a method with a progress bar and write ``images`` (name -> Result attribute or extra) +
     run.json; Ctrl-C cancels and writes nothing. Shared by `petdiff recon` and `petdiff patlak`."""
     import json
@@ -103,7 +118,8 @@ def run_and_write(spec, acq, params, device: str, out_dir, input_path, images: d
             written.append(f"{name}.nii.gz")
     run = {"method": spec.name, "params": params_to_dict(params), "input": str(input_path),
            "seconds": round(elapsed, 3), "likelihood": [float(v) for v in result.likelihood],
-           "warnings": result.warnings, "metadata": result.metadata, "grid": acq.grid.to_dict()}
+           "warnings": result.warnings, "metadata": result.metadata, "grid": acq.grid.to_dict(),
+           "mr_attached": getattr(acq, "mr", None) is not None, **(inputs or {})}
     (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
     print(f"wrote {', '.join(written)}, run.json to {out} ({elapsed:.1f} s)")
     return 0

@@ -1,10 +1,7 @@
 """`petdiff patlak FILE --method ls|wls|red-diff|hqs|direct --t-star MIN --out DIR [method options]`."""
 from __future__ import annotations
 
-import argparse
-
-
-from .common import add_params_options, params_from_namespace, run_and_write
+from .common import method_params, run_and_write
 
 SHORT = {"ls": "patlak-ls", "wls": "patlak-wls", "red-diff": "patlak-red-diff", "hqs": "patlak-hqs",
          "direct": "patlak-direct"}
@@ -33,18 +30,12 @@ def _spec(method: str):
 
 def cmd_patlak(args) -> int:
     from ..engine.io import load_acquisition
-    from ..engine.params import make_params
 
     spec = _spec(args.method)
-    mp = argparse.ArgumentParser(prog=f"petdiff patlak FILE --method {args.method}", description=spec.description)
-    add_params_options(mp, spec.params)
-    if args.help:
-        mp.print_help()
+    params = method_params(spec, f"petdiff patlak FILE --method {args.method}", args,
+                           "usage: petdiff patlak FILE --method ls|wls|red-diff|hqs|direct --t-star MIN --out DIR")
+    if params is None:
         return 0
-    ns = mp.parse_args(args._rest)
-    if not args.file or not args.out:
-        raise ValueError("usage: petdiff patlak FILE --method ls|wls|red-diff|hqs|direct --t-star MIN --out DIR")
-    params = make_params(spec.params, params_from_namespace(spec.params, ns))
     acq = load_acquisition(args.file)
     if not acq.is_dynamic:
         raise ValueError(f"{args.file} is a static acquisition; Patlak needs dynamic data "

@@ -5,7 +5,7 @@ import weakref
 from typing import Callable, Optional
 
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QComboBox, QWidget
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
 
 from .layers import KEY_SOURCE, acquisition_layers, acquisition_of
 
@@ -169,3 +169,22 @@ def safe_canvas(figure):
                 pass
 
     return _Canvas(figure)
+
+
+def add_run_controls(owner, layout, ready_text: str = "ready") -> None:
+    """Run / Cancel buttons, a progress bar and a status line (``owner.run_button`` ...)."""
+    row = QHBoxLayout()
+    owner.run_button = QPushButton("Run")
+    owner.cancel_button = QPushButton("Cancel")
+    owner.cancel_button.setEnabled(False)
+    row.addWidget(owner.run_button)
+    row.addWidget(owner.cancel_button)
+    layout.addLayout(row)
+    owner.progress = QProgressBar()
+    owner.progress.setRange(0, 1)
+    owner.progress.setValue(0)
+    layout.addWidget(owner.progress)
+    owner.status = QLabel(ready_text)
+    owner.status.setWordWrap(True)
+    layout.addWidget(owner.status)
+

@@ -4,7 +4,8 @@ An acquisition travels in napari as the Image layer of its prompts whose metadat
 :class:`Acquisition` object (``petdiff_acquisition``) and, when it came from a file, the path
 (``petdiff_acquisition_path``). Reference images (truth, mu-map, MR, masks) are layers on the
 image grid tagged with ``petdiff_role`` and ``petdiff_source`` (the acquisition's name), so the
-widgets can find the ground truth of the data they reconstruct.
+widgets can find the ground truth of the data they reconstruct. An acquisition's own MR image
+(``acq.mr``) is shown as its ``mr`` reference layer.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def acquisition_layer_data(acq, images: Optional[dict] = None, name: Optional[st
     name = name or acquisition_name(acq)
     out, visible_entries = [], []
     images = dict(images or {})
+    if getattr(acq, "mr", None) is not None:
+        images.setdefault("mr", acq.mr)
     grid_d = acq.grid.to_dict()
     if acq.prompts is not None:
         meta = {KEY_ACQ: acq, KEY_PATH: None if path is None else str(path), KEY_ROLE: "prompts",
@@ -122,6 +125,23 @@ def reference_layer(layers, source: Optional[str], role: str = "truth"):
         if md.get(KEY_ROLE) == role and (source is None or md.get(KEY_SOURCE) == source):
             return lay
     return None
+
+
+def mr_from_layer(layer, grid: ImageGrid) -> np.ndarray:
+    """The data of an Image layer to attach as an acquisition's MR: on ``grid`` in shape and in world
+    placement (scale = voxel size, translate = origin), else a ValueError saying what to fix."""
+    data = np.asarray(layer.data)
+    if data.shape != tuple(grid.shape):
+        raise ValueError(
+            f"MR layer '{layer.name}' has shape {data.shape} but the PET reconstruction grid is {tuple(grid.shape)} "
+            "(z, y, x); resample the MR to the PET grid first, or choose another MR layer (or none).")
+    scale, translate = np.asarray(layer.scale, float), np.asarray(layer.translate, float)
+    if not (np.allclose(scale, grid.voxel_size, atol=1e-3) and np.allclose(translate, grid.origin, atol=1e-3)):
+        raise ValueError(
+            f"MR layer '{layer.name}' is placed with scale {tuple(scale)} / translate {tuple(translate)} mm but the "
+            f"PET reconstruction grid has voxel size {grid.voxel_size} / origin {grid.origin} mm: it is not aligned "
+            "with the PET image. Resample it to the PET grid (or fix the layer's scale and translate).")
+    return np.ascontiguousarray(data, dtype=np.float32)
 
 
 def _is_image(layer) -> bool:

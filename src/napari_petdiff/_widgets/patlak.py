@@ -15,11 +15,11 @@ from typing import Optional
 import numpy as np
 from matplotlib.figure import Figure
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar, QPushButton,
-                            QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout,
+                            QWidget)
 
 from ..engine.methods import get_method, list_methods
-from .common import AliveFlag, LayerPicker, safe_canvas
+from .common import AliveFlag, LayerPicker, add_run_controls, safe_canvas
 from .layers import KEY_PATH, KEY_SOURCE, acquisition_of, publish_result
 from .param_form import ParamForm
 from .reconstruction import layer_metadata, notify_error, notify_warning
@@ -67,20 +67,8 @@ class PatlakWidget(QWidget):
         self.params_box = QGroupBox("parameters")
         self.params_layout = QVBoxLayout(self.params_box)
         lay.addWidget(self.params_box)
-        row = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        row.addWidget(self.run_button)
-        row.addWidget(self.cancel_button)
-        lay.addLayout(row)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        lay.addWidget(self.progress)
-        self.status = QLabel("ready" if self.method_box.count() else
-                             "no dynamic (Patlak) methods are registered in this build")
-        self.status.setWordWrap(True)
-        lay.addWidget(self.status)
+        add_run_controls(self, lay, "ready" if self.method_box.count() else
+                         "no dynamic (Patlak) methods are registered in this build")
         self.figure = Figure(figsize=(3.2, 4.2), dpi=90, tight_layout=True)
         self.canvas = safe_canvas(self.figure)
         self.canvas.setMinimumHeight(300)

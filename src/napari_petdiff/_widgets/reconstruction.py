@@ -2,7 +2,8 @@
 
 Everything method-specific comes from the registry: the form is built from the method's Params
 dataclass. The one exception is a ``target_iteration`` field (likelihood-matched diffusion
-methods), which gets the MLEM log-likelihood curve to choose the target on.
+methods), which gets the MLEM log-likelihood curve to choose the target on. An optional MR image
+layer (for MR-conditioned methods) is attached to the acquisition with ``with_mr`` at Run.
 """
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ import time
 from typing import Optional
 
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
-                            QPushButton, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
 
 from ..engine.methods import get_method, list_methods
 from ..engine.params import fields_of
-from .common import AcquisitionPicker, AliveFlag, connect_while_alive
-from .layers import KEY_PATH, publish_result
+from .common import AcquisitionPicker, AliveFlag, LayerPicker, add_run_controls, connect_while_alive
+from .layers import KEY_PATH, acquisition_of, mr_from_layer, publish_result
 from .likelihood_plot import LikelihoodTargetPlot
 from .param_form import ParamForm
 from .run_session import RunSession
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 TARGET_FIELD = "target_iteration"
 DEFAULT_METHOD = "osem"
+MR_OWN = "acquisition's own"   # use acq.mr as it is (None if it has none)
+MR_NONE = "none"               # reconstruct without MR
 NO_ACQUISITION = ("no acquisition loaded: open a .petacq file, load a sample (File > Open Sample > "
                   "napari-petdiff) or simulate one in the Data widget")
 
@@ -48,6 +50,50 @@ def notify_warning(msg: str) -> None:
         show_warning(msg)
     except Exception:  # noqa: BLE001
         log.warning(msg)
+
+
+def _is_mr_candidate(layer) -> bool:
+    """Image layers that could hold an MR: not sinograms, not RGB, not reconstruction results."""
+    return (type(layer).__name__ == "Image" and acquisition_of(layer) is None and not getattr(layer, "rgb", False)
+            and "petdiff_output" not in layer.metadata and layer.name != MR_NONE)
+
+
+class MRPicker(LayerPicker):
+    """MR image layer to attach: the acquisition's own MR (default), none, or an Image layer."""
+
+    def __init__(self, viewer, parent=None):
+        super().__init__(viewer, _is_mr_candidate, MR_OWN, parent)
+
+    def refresh(self) -> None:
+        cur = self.currentText()
+        super().refresh()
+        if self.currentText() != cur:
+            # LayerPicker falls back to the newest layer; an MR must never be guessed: use the own one.
+            self.setCurrentIndex(0)
+
+    def names(self) -> list[str]:
+        return [MR_NONE] + super().names()
+
+    def choice(self):
+        """MR_OWN, MR_NONE or the chosen layer."""
+        name = self.currentText()
+        return name if name in (MR_OWN, MR_NONE) else self.layer()
+
+    def describe(self, acq) -> Optional[str]:
+        """What the run used, for the result layers' metadata."""
+        c = self.choice()
+        if c == MR_OWN or c is None:
+            return None if acq.mr is None else "acquisition"
+        return None if c == MR_NONE else c.name
+
+
+def with_chosen_mr(acq, choice):
+    """``acq`` with the MR picked in the widget attached (ValueError if the layer does not fit the grid)."""
+    if choice == MR_OWN or choice is None:
+        return acq
+    if choice == MR_NONE:
+        return acq if acq.mr is None else acq.with_mr(None)
+    return acq.with_mr(mr_from_layer(choice, acq.grid))
 
 
 def layer_metadata(spec, session: RunSession, out: dict, source: Optional[str], path: Optional[str]) -> dict:
@@ -77,6 +123,7 @@ class ReconstructionWidget(QWidget):
         self._ui_alive = AliveFlag(self)
         self.form: Optional[ParamForm] = None
         self.spec = None
+        self._mr_for: Optional[str] = None   # acquisition layer the MR choice was made for
 
         lay = QVBoxLayout(self)
         top = QFormLayout()
@@ -86,6 +133,10 @@ class ReconstructionWidget(QWidget):
         self.acq_info = QLabel("")
         self.acq_info.setWordWrap(True)
         top.addRow(self.acq_info)
+        self.mr_picker = MRPicker(self.viewer)
+        self.mr_picker.setToolTip("anatomical MR on the PET image grid, read by MR-conditioned methods: the "
+                                  "acquisition's own MR (if it has one), none, or an image layer")
+        top.addRow("MR image", self.mr_picker)
         self.method_box = QComboBox()
         for s in list_methods(kind="static"):
             self.method_box.addItem(s.name, s.name)
@@ -109,33 +160,20 @@ class ReconstructionWidget(QWidget):
         self.keep_samples = QCheckBox("keep posterior samples as a layer")
         self.keep_samples.setChecked(True)
         lay.addWidget(self.keep_samples)
-        buttons = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        lay.addLayout(buttons)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        lay.addWidget(self.progress)
-        self.status = QLabel("ready")
-        self.status.setWordWrap(True)
-        lay.addWidget(self.status)
+        add_run_controls(self, lay)
         lay.addStretch(1)
 
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.method_box.currentIndexChanged.connect(lambda *_: self._method_changed())
-        self.acq_picker.picked.connect(self._acquisition_changed)
+        self.acq_picker.picked.connect(self._acquisition_picked)
         connect_while_alive(self, SETTINGS.changed, lambda *_: self._acquisition_changed())
         i = self.method_box.findData(DEFAULT_METHOD)
         self.method_box.blockSignals(True)
         self.method_box.setCurrentIndex(max(i, 0))
         self.method_box.blockSignals(False)
         self._method_changed()
-        self._acquisition_changed()
+        self._acquisition_picked()
 
     # ----------------------------------------------------------------- form
     @property
@@ -206,6 +244,13 @@ class ReconstructionWidget(QWidget):
             return
         self.target_plot.compute(acq, self._curve_length(), SETTINGS.torch_device())
 
+    def _acquisition_picked(self) -> None:
+        # Another acquisition: back to its own MR (an MR picked for one scan must not follow to the next).
+        if self.acq_picker.currentText() != self._mr_for:
+            self._mr_for = self.acq_picker.currentText()
+            self.mr_picker.setCurrentIndex(0)
+        self._acquisition_changed()
+
     def _acquisition_changed(self) -> None:
         acq = self.acq_picker.acquisition()
         if acq is None:
@@ -214,7 +259,8 @@ class ReconstructionWidget(QWidget):
             g = acq.grid
             self.acq_info.setText(f"{'2-D' if g.is_2d else '3-D'} {g.shape[2]}x{g.shape[1]}"
                                   f"{'' if g.is_2d else 'x' + str(g.shape[0])}, {g.voxel_size[2]:g} mm voxels, "
-                                  f"{acq.total_counts:.3g} prompts; device {SETTINGS.device}")
+                                  f"{acq.total_counts:.3g} prompts, {'with' if acq.mr is not None else 'no'} "
+                                  f"MR; device {SETTINGS.device}")
         if self.form is not None and TARGET_FIELD in self.form.editors:
             self._update_curve()
 
@@ -228,6 +274,7 @@ class ReconstructionWidget(QWidget):
         self.cancel_button.setEnabled(busy)
         self.method_box.setEnabled(not busy)
         self.acq_picker.setEnabled(not busy)
+        self.mr_picker.setEnabled(not busy)
         if self.form is not None:
             self.form.setEnabled(not busy)
 
@@ -249,12 +296,14 @@ class ReconstructionWidget(QWidget):
             if acq.is_dynamic and spec.kind == "static":
                 raise ValueError("this acquisition is dynamic (several frames); static methods need one frame. "
                                  "Use the Patlak widget for dynamic data.")
+            acq = with_chosen_mr(acq, self.mr_picker.choice())
             SETTINGS.check_memory(acq, spec, params)
         except (ValueError, MemoryGuardError) as exc:
             self._fail_early(str(exc))
             return None
         layer = self.acq_picker.layer()
-        self._run_context = (self.acq_picker.source_name(), layer.metadata.get(KEY_PATH), self.keep_samples.isChecked())
+        self._run_context = (self.acq_picker.source_name(), layer.metadata.get(KEY_PATH), self.keep_samples.isChecked(),
+                             self.mr_picker.describe(acq))
         self.session = RunSession(self.viewer, spec, acq, params, device=SETTINGS.torch_device(),
                                   live_rate=SETTINGS.live_rate, listener=self, source=self._run_context[0])
         self._t0 = time.monotonic()
@@ -292,10 +341,11 @@ class ReconstructionWidget(QWidget):
 
     def on_result(self, out: dict) -> None:
         session = self.session
-        source, path, keep = self._run_context
+        source, path, keep, mr = self._run_context
         # Results go to the viewer even if this dock was closed meanwhile.
         publish_result(self.viewer, session.spec.name, out, session.acquisition.grid,
-                       layer_metadata(session.spec, session, out, source, path), keep_samples=keep)
+                       dict(layer_metadata(session.spec, session, out, source, path), petdiff_mr=mr),
+                       keep_samples=keep)
         if not self._ui_alive[0]:
             return
         self._set_busy(False)

@@ -6,6 +6,7 @@ the prompts: pre-corrected data are no longer Poisson.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,6 +48,22 @@ def _check_values(t: torch.Tensor, name: str, positive: bool = False) -> None:
         raise AcquisitionError(
             f"{name} has negative values (min {float(t.min()):.3g}); PET counts and backgrounds are >= 0. "
             "Were randoms subtracted? Pass raw prompts and give randoms as the additive background instead.")
+
+
+def _checked_mr(mr, grid: ImageGrid) -> Optional[torch.Tensor]:
+    t = _as_tensor(mr, "MR image")
+    if t is None:
+        return None
+    if tuple(t.shape) != tuple(grid.shape):
+        raise AcquisitionError(
+            f"the MR image has shape {tuple(t.shape)} but the PET reconstruction grid has {grid.describe()}; "
+            "resample the MR to the PET reconstruction grid (same shape, voxel size and origin) before "
+            "attaching it.")
+    if not torch.isfinite(t).all():
+        n = int((~torch.isfinite(t)).sum())
+        raise AcquisitionError(f"the MR image contains {n} NaN or infinite value(s); replace them (e.g. by 0 "
+                               "outside the head) before attaching it.")
+    return t
 
 
 @dataclass
@@ -134,6 +151,8 @@ class Acquisition:
     sinogram, shared by frames; frame duration and decay are folded in by the caller if wanted).
     ``additive``: expected randoms + scatter in measured counts (sinogram, or one per frame).
     ``sensitivity_multiplicative`` is used by list-mode data to form the sensitivity image.
+    ``mr``: optional anatomical MR (T1-like, ~[0, 1]) already resampled to ``grid``, shape
+    ``grid.shape``, read by MR-conditioned methods; ``with_mr`` attaches or replaces it.
     """
     prompts: Optional[torch.Tensor]
     geometry: object
@@ -145,6 +164,7 @@ class Acquisition:
     listmode: Optional[ListmodeEvents] = None
     input_function: Optional[dict] = None  # {"t_s": [...], "cp": [...], "units": "..."} for dynamic data
     metadata: dict = field(default_factory=dict)
+    mr: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if not isinstance(self.grid, ImageGrid):
@@ -191,6 +211,7 @@ class Acquisition:
                 raise AcquisitionError(
                     f"additive background has shape {tuple(self.additive.shape)}; expected one of {ok}")
             _check_values(self.additive, "additive background")
+        self.mr = _checked_mr(self.mr, self.grid)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -219,7 +240,14 @@ class Acquisition:
         meta = dict(self.metadata, frame=k, frame_start_s=float(self.frames.start_s[k]),
                     frame_stop_s=float(self.frames.stop_s[k]))
         return Acquisition(self.prompts[k], self.geometry, self.grid, self.multiplicative, add,
-                           self.psf_fwhm_mm, None, None, None, meta)
+                           self.psf_fwhm_mm, None, None, None, meta, mr=self.mr)
+
+    def with_mr(self, mr) -> "Acquisition":
+        """The same acquisition (arrays shared, not copied) with ``mr`` attached; ``None`` removes it."""
+        out = copy.copy(self)  # the other fields were validated already
+        out.mr = _checked_mr(mr, self.grid)
+        out.metadata = dict(self.metadata)  # so later edits of one do not show in the other
+        return out
 
     def describe(self) -> str:
         kind = "list-mode" if self.is_listmode else ("dynamic" if self.is_dynamic else "static")
@@ -231,4 +259,8 @@ class Acquisition:
         if self.additive is not None and self.prompts is not None:
             lines.append(f"  background fraction: {float(self.additive.sum() / self.prompts.sum()):.3f}")
         lines.append(f"  PSF FWHM (z, y, x) mm: {self.psf_fwhm_mm}")
+        if self.mr is None:
+            lines.append("  MR image: none")
+        else:
+            lines.append(f"  MR image: attached, values {float(self.mr.min()):.3g} to {float(self.mr.max()):.3g}")
         return "\n".join(lines)

@@ -4,7 +4,9 @@ Acquisition file (``.petacq``): a safetensors container. Why: it stores named te
 JSON header and cannot execute code on load (no pickle), it is memory-mappable, and
 safetensors itself rejects headers that do not cover the file (truncation). We add a
 format tag, a version, the geometry / grid / frame timing as JSON, and a SHA-256 over all
-tensor bytes so silent corruption is caught too.
+tensor bytes so silent corruption is caught too. Tensor names and the header keys are listed in
+docs/conventions.md ("Acquisition files"); the optional ``mr`` tensor (the acquisition's MR
+image) was added without a version bump: older files simply lack it, older readers ignore it.
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ def save_acquisition(path, acq: Acquisition, images: dict | None = None) -> Path
         tensors["multiplicative"] = acq.multiplicative.float()
     if acq.additive is not None:
         tensors["additive"] = acq.additive.float()
+    if acq.mr is not None:
+        tensors["mr"] = acq.mr.float()
     if acq.listmode is not None:
         lm = acq.listmode
         tensors["listmode_xstart"] = lm.xstart.double()
@@ -58,7 +62,11 @@ def save_acquisition(path, acq: Acquisition, images: dict | None = None) -> Path
         if lm.additive is not None:
             tensors["listmode_additive"] = lm.additive.float()
     for name, img in (images or {}).items():
-        tensors[f"image:{name}"] = torch.as_tensor(img).float()
+        img = torch.as_tensor(img).float()
+        if name == "mr" and acq.mr is not None and img.shape == acq.mr.shape \
+                and torch.equal(img.cpu(), acq.mr.detach().cpu().float()):
+            continue  # the acquisition's own MR, stored once as "mr" (the reader shows it as the mr layer)
+        tensors[f"image:{name}"] = img
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {
         "format": FORMAT, "version": str(VERSION),
@@ -116,7 +124,8 @@ def load_acquisition(path) -> Acquisition:
             t.get("prompts"), geometry, grid, t.get("multiplicative"), t.get("additive"),
             tuple(json.loads(meta.get("psf_fwhm_mm", "[0, 0, 0]"))),
             FrameTiming.from_dict(frames) if frames else None, lm,
-            json.loads(meta.get("input_function", "null")), json.loads(meta.get("metadata", "{}")))
+            json.loads(meta.get("input_function", "null")), json.loads(meta.get("metadata", "{}")),
+            mr=t.get("mr"))
     except (KeyError, json.JSONDecodeError) as exc:
         raise FileFormatError(f"{path}: damaged header ({exc})") from None
 

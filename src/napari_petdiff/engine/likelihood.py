@@ -147,6 +147,13 @@ class PoissonLikelihood:
         q = p.system.forward(x) + p.b
         return p.system.back(p.y / q.clamp_min(_TINY)) - p.sens
 
+    def value_and_gradient(self, x: torch.Tensor, subset: Optional[int] = None):
+        """(L(x), grad L(x)) from one forward and one back projection."""
+        self.check_image(x)
+        p = self._part(subset)
+        q = p.system.forward(x) + p.b
+        return self._value_from_q(q, p, x), p.system.back(p.y / q.clamp_min(_TINY)) - p.sens
+
     def em_step(self, x: torch.Tensor, subset: Optional[int] = None) -> torch.Tensor:
         """One MLEM update (one OSEM sub-iteration for a subset); zero outside the FOV."""
         return self.em_step_and_value(x, subset)[0]

@@ -32,7 +32,10 @@ def geometry_for(grid):
 def make_scan(name: str = "brain2d", counts: float = 1e5, background_fraction: float = 0.3,
               psf_fwhm_mm: float = 0.0, tracer: str = "fdg", lesions: bool = False, seed: int = 0,
               deformation_seed=None):
-    """Return (Acquisition, reference images {truth, mu, mr}) for a built-in phantom."""
+    """Return (Acquisition, reference images {truth, mu, mr, ...}) for a built-in phantom.
+
+    The phantom's MR is also attached to the acquisition (``acq.mr``, the same tensor as ``images["mr"]``)
+    for MR-conditioned methods."""
     ph = make_phantom(name, tracer, lesions, deformation_seed)
     geom = geometry_for(ph.grid)
     sim = simulate(ph.activity, ph.grid, geom, ph.mu, counts=counts, background_fraction=background_fraction,
@@ -44,4 +47,5 @@ def make_scan(name: str = "brain2d", counts: float = 1e5, background_fraction: f
     images["brain_mask"] = torch.as_tensor(np.asarray(ph.brain_mask, np.float32))
     for i, m in enumerate(getattr(ph, "lesion_masks", []) or []):
         images[f"lesion{i}"] = torch.as_tensor(np.asarray(m, np.float32))
-    return sim.acquisition, images
+    acq = sim.acquisition if "mr" not in images else sim.acquisition.with_mr(images["mr"])
+    return acq, images

@@ -36,6 +36,7 @@ class DataConfig:
     slices_per_volume: int = 48
     volumes_per_group: int = 4
     workers: int = 1                   # background generation processes (0 = in the training process)
+    with_mr: bool = False              # paired (PET, MR) slices for an MR-conditioned prior
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -119,12 +120,20 @@ class VolumeSource:
             raise ValueError(f"unknown training source {cfg.source!r}: use 'phantom', 'synthetic' or 'nifti:<folder>'")
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        """(z, y, x) activity, or (2, z, y, x) activity and MR with ``with_mr``."""
         c = self.cfg
         if c.source == "phantom":
+            kw = {"with_mr": True} if c.with_mr else {}
             return np.asarray(self._fn(rng, shape=tuple(c.volume_shape), voxel_size_mm=c.voxel_size_mm,
-                                       gm_wm_range=tuple(c.gm_wm_range), lesion_prob=c.lesion_prob), np.float32)
+                                       gm_wm_range=tuple(c.gm_wm_range), lesion_prob=c.lesion_prob, **kw), np.float32)
         if c.source == "synthetic":
-            return synthetic_volume(rng, tuple(c.volume_shape), tuple(c.gm_wm_range))
+            vol = synthetic_volume(rng, tuple(c.volume_shape), tuple(c.gm_wm_range))
+            if c.with_mr:  # a stand-in anatomy for tests: the activity's support and rim, inverted
+                return np.stack([vol, np.where(vol > 0, 1.0 - 0.5 * vol / vol.max(), 0.0).astype(np.float32)])
+            return vol
+        if c.with_mr:
+            raise ValueError("MR-conditioned training needs paired MR images: use source 'phantom' "
+                             "(NIfTI folders hold PET only)")
         return load_nifti_volume(self.files[int(rng.integers(len(self.files)))], c.voxel_size_mm)
 
 
@@ -160,14 +169,20 @@ def normalise_by_support_mean(img: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def slices_from_volume(vol: np.ndarray, cfg: DataConfig, rng: np.random.Generator, n: int) -> np.ndarray:
-    """n normalised, augmented (1, S, S) slices drawn from one volume; (n, 1, S, S) float32."""
+    """n normalised, augmented (C, S, S) slices drawn from one volume; (n, C, S, S) float32.
+
+    ``vol`` is (z, y, x) PET (C = 1) or (2, z, y, x) PET and MR: both channels are sliced and
+    flipped alike; only the PET channel is normalised and scaled (the MR keeps its [0, 1] range).
+    """
+    chans = vol if vol.ndim == 4 else vol[None]
+    vol = chans[0]
     probs = np.asarray(cfg.orientation_probs, dtype=float)
     probs = probs / probs.sum()
     support = (vol > 0)
     counts = {"xy": support.sum(axis=(1, 2)), "xz": support.sum(axis=(0, 2)), "yz": support.sum(axis=(0, 1))}
     eligible = {o: np.flatnonzero(counts[o] > cfg.min_support) for o in ORIENTATIONS}
     usable = [i for i, o in enumerate(ORIENTATIONS) if len(eligible[o]) and probs[i] > 0]
-    out = np.zeros((n, 1, cfg.image_size, cfg.image_size), dtype=np.float32)
+    out = np.zeros((n, len(chans), cfg.image_size, cfg.image_size), dtype=np.float32)
     if not usable:
         # No slice has enough brain (tiny test volumes): fall back to the fullest slices.
         eligible = {o: np.array([int(np.argmax(counts[o]))]) for o in ORIENTATIONS}
@@ -177,12 +192,13 @@ def slices_from_volume(vol: np.ndarray, cfg: DataConfig, rng: np.random.Generato
         o = ORIENTATIONS[usable[int(rng.choice(len(usable), p=p))]]
         idx = int(rng.choice(eligible[o]))
         img, _ = normalise_by_support_mean(take_slice(vol, o, idx))
-        img = img * rng.uniform(*cfg.scale_range)
+        imgs = [img * rng.uniform(*cfg.scale_range)] + [take_slice(ch, o, idx) for ch in chans[1:]]
         if cfg.flip_lr and rng.random() < 0.5:
-            img = img[:, ::-1]
+            imgs = [im[:, ::-1] for im in imgs]
         if cfg.flip_ud and rng.random() < 0.5:
-            img = img[::-1, :]
-        out[k, 0] = fit_to_size(np.ascontiguousarray(img), cfg.image_size)
+            imgs = [im[::-1, :] for im in imgs]
+        for ci, im in enumerate(imgs):
+            out[k, ci] = fit_to_size(np.ascontiguousarray(im), cfg.image_size)
     return out
 
 

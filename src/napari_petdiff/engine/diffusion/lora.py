@@ -6,6 +6,7 @@ zero, so right after injection the adapted network computes exactly what the ori
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable
 
@@ -30,8 +31,11 @@ class _Adapter(nn.Module):
         if p.dim() == 4 and not p.is_contiguous():  # follow a channels_last base network
             self.to(memory_format=torch.channels_last)
         self.scale = float(alpha) / float(rank)
+        self.enabled = True
 
     def hook(self, module, inputs, output):
+        if not self.enabled:
+            return output
         return output + self.scale * self.B(self.A(inputs[0]))
 
 
@@ -84,6 +88,17 @@ class LoRA:
         with torch.no_grad():
             for ad in self.adapters.values():
                 ad.B.weight.zero_()
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base network's prediction with the adapters kept (SCD's unadapted epsilon)."""
+        for ad in self.adapters.values():
+            ad.enabled = False
+        try:
+            yield self
+        finally:
+            for ad in self.adapters.values():
+                ad.enabled = True
 
     def reset(self) -> None:
         for h in self._handles:

@@ -65,7 +65,9 @@ class TrainConfig:
     num_res_blocks: int = 1
     attention_resolutions: tuple = (16,)
     dropout: float = 0.0
-    cond_channels: int = 0
+    cond_channels: int = 0              # 1: MR-conditioned (paired T1-like MR as an extra input channel)
+    cond_dropout: float = 0.1           # classifier-free training: the MR is dropped (zeroed) this often
+    init_from: str = ""                 # prior (name or path) whose weights start a new run (fine-tuning)
     # schedule
     T: int = 1000
     beta_start: float = 1e-4
@@ -129,9 +131,13 @@ class TrainConfig:
         if self.data.image_size % m:
             raise ValueError(f"image size {self.data.image_size} must be divisible by {m} "
                              f"for a UNet with {len(self.channel_mult)} levels")
-        if self.cond_channels:
-            raise ValueError("conditional training (cond_channels > 0) needs a paired data source, "
-                             "which this trainer does not have yet; train with cond_channels=0")
+        if self.cond_channels not in (0, 1):
+            raise ValueError(f"cond_channels must be 0 (unconditional) or 1 (MR-conditioned); got {self.cond_channels}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1); got {self.cond_dropout}")
+        if self.cond_channels and not self.data.source.startswith(("phantom", "synthetic")):
+            raise ValueError("MR-conditioned training needs paired MR images: use data source 'phantom'")
+        self.data.with_mr = bool(self.cond_channels)  # the data follow the network's inputs
 
 
 # --- distributed ----------------------------------------------------------------------------------
@@ -293,11 +299,38 @@ def export_ema(cfg: TrainConfig, ema: dict, step: int, wall_s: float, loss_recen
             "channels_last": cfg.channels_last, "seed": cfg.seed, "world_size": world,
             "slices_seen": step * cfg.batch_size, "loss": "MSE(eps, eps_theta(x_t, t)), t ~ U{0..T-1}, weighted per loss_weighting",
             "data": cfg.data.to_dict(),
+            "init_from": cfg.init_from or None,
+            "conditioning": ({"channels": cfg.cond_channels, "image": "T1-like MR in [0, 1], aligned with the PET "
+                              "slice (phantom generator)", "dropout": cfg.cond_dropout,
+                              "guidance": "classifier-free: (1 + w) eps(MR) - w eps(no MR)"}
+                             if cfg.cond_channels else None),
             "augmentation": "support-mean normalisation, x U(scale_range), left-right flips; "
                             "slices axial/coronal/sagittal with orientation_probs, zero-padded to image_size",
         },
     }
     return save_prior(prior, stem, extra)
+
+
+def init_weights_from(net: UNet, name_or_path: str) -> None:
+    """Start from a trained prior's weights. A new conditioning channel gets zero input weights,
+    so the fine-tuned network starts out computing exactly what the unconditional one did."""
+    from .io import load_prior
+
+    src = load_prior(name_or_path).net.state_dict()
+    own = net.state_dict()
+    if set(src) != set(own):
+        raise ValueError(f"cannot initialise from {name_or_path!r}: its network has different layers "
+                         "(base channels, levels, blocks or attention must match)")
+    with torch.no_grad():
+        for k, v in src.items():
+            if v.shape == own[k].shape:
+                own[k].copy_(v)
+            elif k == "inp.weight" and v.shape[0] == own[k].shape[0] and v.shape[1] < own[k].shape[1]:
+                own[k].zero_()
+                own[k][:, : v.shape[1]].copy_(v)
+            else:
+                raise ValueError(f"cannot initialise from {name_or_path!r}: layer {k} has shape {tuple(v.shape)}, "
+                                 f"this network needs {tuple(own[k].shape)}")
 
 
 def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
@@ -331,6 +364,8 @@ def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
     net = UNet(**cfg.arch()).to(device)
     if cfg.resume:
         net.load_state_dict(msd)
+    elif cfg.init_from:
+        init_weights_from(net, cfg.init_from)
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = net.to(memory_format=mf)
     params = list(net.parameters())
@@ -383,19 +418,23 @@ def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
                     break
                 gen.manual_seed(_step_seed(cfg.seed, data_rank, step))
                 t = torch.randint(0, cfg.T, (draw_b,), generator=gen)
-                eps = torch.randn(batch.shape, generator=gen)
+                eps = torch.randn((batch.shape[0], 1, *batch.shape[2:]), generator=gen)
                 if cfg.data_sharding == "global":
                     sl = slice(dist.rank * local_b, (dist.rank + 1) * local_b)
                     batch, t, eps = batch[sl], t[sl], eps[sl]
                 torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) + 1)  # dropout
-                x0, eps, t = batch.to(device), eps.to(device), t.to(device)
+                x0, eps, t = batch[:, :1].to(device), eps.to(device), t.to(device)
+                cond = None
+                if cfg.cond_channels:
+                    keep = torch.rand((x0.shape[0], 1, 1, 1), generator=gen) >= cfg.cond_dropout
+                    cond = (batch[:, 1:] * keep).to(device).contiguous(memory_format=mf)
                 a = abar[t].view(-1, 1, 1, 1)
                 x_t = (a.sqrt() * x0 + (1 - a).sqrt() * eps).contiguous(memory_format=mf)
                 lr = lr_at(cfg, step)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    pred = model(x_t, t)
+                    pred = model(x_t, t, cond)
                 per_image = (pred.float() - eps).square().mean(dim=(1, 2, 3))
                 loss = per_image.mean()  # logged: the plain epsilon MSE, comparable across weightings
                 if cfg.loss_weighting == "trunc-snr":

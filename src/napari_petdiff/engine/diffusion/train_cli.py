@@ -38,6 +38,9 @@ _FLAGS = {
     "--keep-checkpoints": ("keep_checkpoints", int, "how many recent checkpoints to keep"),
     "--export-to": ("export_to", str, "stem of the exported prior, e.g. src/napari_petdiff/models/brain-fdg-2d"),
     "--export-minutes": ("export_minutes", float, "minutes between exports of the EMA weights"),
+    "--cond-channels": ("cond_channels", int, "1: MR-conditioned prior (paired phantom MR as an input channel)"),
+    "--cond-dropout": ("cond_dropout", float, "probability of dropping the MR (classifier-free, default 0.1)"),
+    "--init-from": ("init_from", str, "start from this prior's weights (name or path): fine-tuning"),
 }
 
 

@@ -29,23 +29,13 @@ from ..params import param, params_to_dict
 from ..run import CancelToken, Intermediate, MethodGen, Progress, Result, RunWarning
 from ..samplers.core import ORIENTATIONS, get_prior, orientations_used, prior_eps
 from .frames import FrameModel
-from .input_function import TIMINGS
-from .patlak import fit_patlak, patlak_setup
+from .patlak import PatlakModelParams, fit_patlak, patlak_setup
 
 _TINY = 1e-12
 
 
 @dataclass
-class PatlakDirectParams:
-    t_star: float = param(30.0, "Patlak start time t*: frames starting at or after it are fitted", min=0.0,
-                          max=10000.0, unit="min")
-    input_function: str = param("file", "plasma input: 'file' (stored with the scan), 'population' (Feng) or "
-                                "the path of a CSV (time, value)")
-    time_unit: str = param("auto", "time unit of a CSV input function", choices=("auto", "s", "min"), advanced=True)
-    timing: str = param("average", "regressors: frame averages (exact) or mid-frame values", choices=TIMINGS,
-                        advanced=True)
-    calibration: float = param(0.0, "activity calibration: reconstruction units per (input unit x s); 0 = from "
-                               "the file", min=0.0, advanced=True)
+class PatlakDirectParams(PatlakModelParams):
     iterations: int = param(30, "outer nested-EM iterations (one EM update of every frame each)", min=1, max=5000)
     subsets: int = param(5, "view subsets per outer iteration (1 = monotone nested EM)", min=1, max=512)
     inner: int = param(5, "Patlak (image-domain EM) iterations per outer iteration", min=1, max=100)

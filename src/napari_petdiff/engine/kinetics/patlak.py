@@ -170,7 +170,8 @@ def region_curve(conc: torch.Tensor, mask) -> np.ndarray:
 
 # ---------------------------------------------------------------------- run protocol
 @dataclass
-class PatlakParams:
+class PatlakModelParams:
+    """The Patlak model's settings, shared by the indirect (frames first) and the direct methods."""
     t_star: float = param(30.0, "Patlak start time t*: frames starting at or after it are fitted", min=0.0,
                           max=10000.0, unit="min")
     input_function: str = param("file", "plasma input: 'file' (stored with the scan), 'population' (Feng) or "
@@ -180,6 +181,10 @@ class PatlakParams:
                         advanced=True)
     calibration: float = param(0.0, "activity calibration: reconstruction units per (input unit x s); 0 = from "
                                "the file", min=0.0, advanced=True)
+
+
+@dataclass
+class PatlakParams(PatlakModelParams):
     iterations: int = param(3, "OSEM iterations per frame", min=1, max=200)
     subsets: int = param(10, "OSEM view subsets", min=1, max=512)
     postfilter_fwhm: float = param(0.0, "Gaussian post-filter of the frame images (0 = none)", min=0.0, max=50.0,

@@ -153,6 +153,22 @@ def _maps_eps(prior, th: torch.Tensor, t: int, orientation: str, step: int, gene
     return prior_eps(prior, flat, t, orientation, step, generator=generator).reshape(shape)
 
 
+class _Noiser:
+    """Seeded forward noising of the (normalised) maps and the prior's epsilon for them."""
+
+    def __init__(self, prior, params, dev):
+        self.prior, self.orientation = prior, params.orientation
+        self.gen = torch.Generator(device="cpu").manual_seed(int(params.seed))
+        self.pad_gen = torch.Generator(device=dev).manual_seed(int(params.seed) + 7919)
+
+    def __call__(self, th: torch.Tensor, t: int, step: int):
+        """(x_t, noise, eps, alpha_bar_t) for maps th at timestep t."""
+        ab = float(self.prior.schedule.alpha_bar[int(t)])
+        noise = torch.randn(th.shape, generator=self.gen).to(th.device, th.dtype)
+        x_t = math.sqrt(ab) * th + math.sqrt(1 - ab) * noise
+        return x_t, noise, _maps_eps(self.prior, x_t, int(t), self.orientation, step, self.pad_gen), ab
+
+
 def _finish(name, params, setup, data, th_samples, warnings, extra_meta) -> Result:
     ph = th_samples * data.c.view(1, 2, 1, 1, 1)
     fov = data.fov
@@ -178,19 +194,14 @@ def run_patlak_red_diff(acq, params: PatlakREDParams, cancel: CancelToken, devic
                                                          params.steps, warnings)
     for w in warnings:
         yield RunWarning(w)
-    sched = prior.schedule
-    gen = torch.Generator(device="cpu").manual_seed(int(params.seed))
-    pad_gen = torch.Generator(device=dev).manual_seed(int(params.seed) + 7919)
+    noiser = _Noiser(prior, params, dev)
     ts = np.linspace(params.t_start, params.t_end, params.steps).round().astype(int)
     th = data.theta_hat.clamp_min(0)
     th = torch.where(data.fov, th, torch.zeros_like(th))
     m = None
     for i, t in enumerate(ts):
         cancel.raise_if_cancelled()
-        ab = float(sched.alpha_bar[int(t)])
-        noise = torch.randn(th.shape, generator=gen).to(dev, th.dtype)
-        x_t = math.sqrt(ab) * th + math.sqrt(1 - ab) * noise
-        eps = _maps_eps(prior, x_t, int(t), params.orientation, i, pad_gen)
+        x_t, noise, eps, ab = noiser(th, t, i)
         g_reg = params.weight * math.sqrt((1 - ab) / ab) * (eps - noise)
         # one noise draw per step makes g_reg noisy: average it (Adam's first moment, bias corrected)
         m = g_reg if m is None else params.momentum * m + (1 - params.momentum) * g_reg
@@ -210,18 +221,13 @@ def run_patlak_hqs(acq, params: PatlakHQSParams, cancel: CancelToken, device=Non
                                                          params.steps, warnings)
     for w in warnings:
         yield RunWarning(w)
-    sched = prior.schedule
-    gen = torch.Generator(device="cpu").manual_seed(int(params.seed))
-    pad_gen = torch.Generator(device=dev).manual_seed(int(params.seed) + 7919)
+    noiser = _Noiser(prior, params, dev)
     ts = np.linspace(params.t_start, 0, params.steps).round().astype(int)
     S = params.samples
     th = data.theta_hat.clamp_min(0).expand(S, *data.theta_hat.shape).clone()
     for i, t in enumerate(ts):
         cancel.raise_if_cancelled()
-        ab = float(sched.alpha_bar[int(t)])
-        noise = torch.randn(th.shape, generator=gen).to(dev, th.dtype)
-        x_t = math.sqrt(ab) * th + math.sqrt(1 - ab) * noise
-        eps = _maps_eps(prior, x_t, int(t), params.orientation, i, pad_gen)
+        x_t, noise, eps, ab = noiser(th, t, i)
         z = ((x_t - math.sqrt(1 - ab) * eps) / math.sqrt(ab)).clamp_min(0)
         th = data.prox(z, params.weight * ab / (1 - ab))
         step = params.iterations + i + 1

@@ -230,4 +230,4 @@ def make_dynamic_scan(phantom: str = "brain2d", counts: float = 1e6, background_
               "mu": torch.as_tensor(np.asarray(ph.mu, np.float32))}
     for i, m in enumerate(ph.lesion_masks or []):
         images[f"lesion{i}"] = torch.as_tensor(np.asarray(m, np.float32))
-    return sim.acquisition, images
+    return sim.acquisition.with_mr(ph.mr), images

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .brain import TRACERS, head_layers
+from .brain import TRACERS, tissue_maps
 from .deformation import deform, random_deformation_field
 from .phantom import Lesion, paint_lesions
 from .templates import centred_grid, source_grid, source_volumes
@@ -16,21 +16,21 @@ HOT_CONTRAST, COLD_CONTRAST = (1.3, 2.0), (0.2, 0.7)
 LESION_RADIUS_MM = (3.0, 10.0)
 MAX_LESIONS = 3
 
-# per source grid: (gm, wm + csf-weighted base, brain fraction) as torch tensors
-_prepared: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+# per source grid: (gm, wm + csf-weighted base, brain fraction, T1-like MR) as torch tensors
+_prepared: dict[str, tuple[torch.Tensor, ...]] = {}
 
 
-def _prepared_source(src) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prepared_source(src) -> tuple[torch.Tensor, ...]:
     key = repr(src)
     if key not in _prepared:
         v = source_volumes(src)
-        csf = np.clip(v["csf"] + head_layers(v, min(src.voxel_size))["csf_shell"], 0.0, 1.0)
+        t = tissue_maps(v, min(src.voxel_size))
         fdg = TRACERS["fdg"]
-        base = fdg["wm"] * v["wm"] + fdg["csf"] * csf
+        base = fdg["wm"] * t["wm"] + fdg["csf"] * t["csf"]
         while len(_prepared) >= 2:  # a trainer uses one or two grids; keeps memory bounded
             _prepared.pop(next(iter(_prepared)))
         _prepared[key] = (torch.from_numpy(np.array(v["gm"])), torch.from_numpy(base.astype(np.float32)),
-                          torch.from_numpy(np.array(v["brain"])))
+                          torch.from_numpy(np.array(v["brain"])), torch.from_numpy(t["mr"]))
     return _prepared[key]
 
 
@@ -54,8 +54,11 @@ def _random_lesions(rng: np.random.Generator, grid, parenchyma: np.ndarray, voxe
 
 def random_training_volume(rng: np.random.Generator, shape=(64, 128, 128), voxel_size_mm=2.0,
                            gm_wm_range=(2.5, 5.0), lesion_prob: float = 0.5, *,
-                           deformation_strength_mm: float = 4.0) -> np.ndarray:
+                           deformation_strength_mm: float = 4.0, with_mr: bool = False) -> np.ndarray:
     """A randomly deformed FDG-like brain activity (z, y, x) float32 without noise (WM = 1).
+
+    ``with_mr``: return (2, z, y, x), the activity and its T1-like MR deformed alike (the MR has
+    no lesions: they are PET-only), the paired data of an MR-conditioned prior.
 
     Random per call: the smooth deformation and affine, the GM:WM ratio (uniform in
     ``gm_wm_range``) and, with probability ``lesion_prob``, 1-3 hot (1.3-2 x GM) or cold
@@ -84,17 +87,19 @@ def random_training_volume(rng: np.random.Generator, shape=(64, 128, 128), voxel
     else:
         grid = centred_grid(shp, voxel_size_mm)
         src = source_grid(grid)
-    gm, base, brain = _prepared_source(src)
+    gm, base, brain, mr_src = _prepared_source(src)
     ratio = float(rng.uniform(lo, hi))
     activity_src = gm.mul(ratio * TRACERS["fdg"]["wm"]).add_(base)
 
     field = random_deformation_field(grid.shape, deformation_strength_mm, grid.voxel_size, rng, origin=grid.origin)
-    act, bfrac = deform([activity_src, brain], field, src)
-    act, bfrac = act.numpy(), bfrac.numpy()
+    out = deform([activity_src, brain] + ([mr_src] if with_mr else []), field, src)
+    act, bfrac = out[0].numpy(), out[1].numpy()
     if rng.random() < lesion_prob:
         brain_mask = bfrac > 0.5
         # lesion centres in GM or WM, not in ventricles
         lesions = _random_lesions(rng, grid, brain_mask & (act > 0.8 * TRACERS["fdg"]["wm"]), min(grid.voxel_size))
         act, _ = paint_lesions(act, brain_mask, lesions, grid, ratio * TRACERS["fdg"]["wm"], TRACERS["fdg"]["wm"],
                                require_inside=False)
+    if with_mr:
+        return np.ascontiguousarray(np.stack([act, out[2].numpy()]), dtype=np.float32)
     return np.ascontiguousarray(act, dtype=np.float32)

@@ -34,6 +34,8 @@ class SamplingParams:
                              "step", choices=ORIENTATIONS, advanced=True)
     scale_threshold: float = param(0.05, "support of the OSEM image used for the scale c (fraction of its max)",
                                    min=0.0, max=0.9, advanced=True)
+    guidance: float = param(0.0, "MR-conditioned priors: classifier-free guidance weight w (0 = the plain "
+                            "conditional prediction)", min=0.0, max=20.0, advanced=True)
 
 
 _PRIOR_CACHE: dict = {}
@@ -75,14 +77,33 @@ def orientations_used(grid, orientation: str) -> tuple:
     return ("xy",) if grid.shape[0] == 1 or orientation == "xy" else ("xy", "xz", "yz")
 
 
+def mr_condition(prior, acq, device) -> Optional[torch.Tensor]:
+    """The acquisition's MR as the conditioning volume (1, nz, ny, nx) of an MR-conditioned prior."""
+    if not getattr(prior, "cond_channels", 0):
+        return None
+    mr = getattr(acq, "mr", None)
+    if mr is None:
+        raise ValueError(f"prior {prior.name!r} is MR-conditioned but the acquisition has no MR image: attach the "
+                         "aligned T1 (acquisition.with_mr(mr), `petdiff recon --mr MR.nii.gz`, or the MR layer in "
+                         "napari), or pick an unconditional prior")
+    mr = torch.as_tensor(mr, dtype=torch.float32, device=device)
+    if tuple(mr.shape) != tuple(acq.grid.shape):
+        raise ValueError(f"the MR image has shape {tuple(mr.shape)} but the reconstruction grid is "
+                         f"{tuple(acq.grid.shape)}: resample the MR to the PET grid")
+    return mr[None]
+
+
 def prior_eps(prior, x: torch.Tensor, t: int, orientation: str, step: int, grad: bool = False,
-              generator=None) -> torch.Tensor:
+              generator=None, cond: Optional[torch.Tensor] = None, guidance: float = 0.0) -> torch.Tensor:
     """Epsilon for a batch of volumes (S, nz, ny, nx) along the chosen orientation(s).
 
     'all' averages the three orientations (equivalently their Tweedie images: the map is affine
-    in epsilon); 'cycle' uses one orientation per step (1 network call per step).
+    in epsilon); 'cycle' uses one orientation per step (1 network call per step). ``cond``: the
+    MR volume (1 or S, nz, ny, nx) of an MR-conditioned prior, with guidance weight ``guidance``.
     """
     kw = {"grad": grad, "generator": generator}
+    if cond is not None:
+        kw.update(cond=cond.expand_as(x), guidance=guidance)
     if x.shape[-3] == 1 or orientation == "xy":
         return prior.eps_volume(x, t, orientation="xy", **kw)
     if orientation == "all":
@@ -99,20 +120,43 @@ class SamplerState:
     scale: torch.Tensor          # (S, 1, 1, 1)
     lik: PoissonLikelihood
     warn: Callable[[str], None]
+    x_t: Optional[torch.Tensor] = None      # the current noisy iterate (normalised units)
+    adapter: Optional[object] = None         # samplers.adapt.NetworkAdapter of an adapting method
+    eps: Optional[torch.Tensor] = None       # DDIM noise direction; a DC step may replace it
+    orientation: str = "xy"
+    generator: Optional[torch.Generator] = None  # seeded padding noise of the network calls
+    cond: Optional[torch.Tensor] = None      # MR volume (1, nz, ny, nx) of an MR-conditioned prior
+    guidance: float = 0.0
+
+    def eps_of(self, prior, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """The network's epsilon for this step (orientation, MR conditioning and seeding applied)."""
+        return prior_eps(prior, x, self.t, self.orientation, self.step, grad=grad, generator=self.generator,
+                         cond=self.cond, guidance=self.guidance)
 
 
 DCFunction = Callable[[torch.Tensor, torch.Tensor, SamplerState], torch.Tensor]
+# predict(x_t, state) -> (eps for the Tweedie estimate, eps for the DDIM noise direction)
+PredictFunction = Callable[[torch.Tensor, SamplerState], tuple]
 
 
 def run_sampler(acq, params: SamplingParams, cancel: CancelToken, device, method: str,
                 make_dc: Callable[[PoissonLikelihood, torch.Tensor, CancelToken], DCFunction],
-                n_subsets: int = 1, eps_hook: Optional[Callable] = None):
-    """Generic posterior sampler; ``make_dc(lik, c, cancel)`` returns the method's DC step."""
+                n_subsets: int = 1, adapt: Optional[Callable] = None, predict: Optional[PredictFunction] = None):
+    """Generic posterior sampler; ``make_dc(lik, c, cancel)`` returns the method's DC step.
+
+    ``adapt(prior)`` returns a NetworkAdapter (methods that fine-tune the network while sampling):
+    the sampler then uses the adapter's private copy, restarted for every sample batch.
+    ``predict`` replaces the single network call of a step (SCD: adapted and unadapted eps).
+    """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if acq.is_dynamic:
         raise ValueError(f"{method} reconstructs static data; pick a frame (acquisition.frame(k)) or use Patlak")
     prior = get_prior(params.prior, dev)
     prior.check_grid(acq.grid, orientations_used(acq.grid, params.orientation))
+    cond = mr_condition(prior, acq, dev)
+    adapter = adapt(prior) if adapt is not None else None
+    if adapter is not None:
+        prior = adapter.prior
     lik = PoissonLikelihood(acq, n_subsets, device=dev)
     yield Progress(0, params.steps, "estimating the image scale (1 OSEM pass)", "scale")
     c1, _ = osem_scale(lik, params.scale_threshold, cancel)
@@ -140,25 +184,30 @@ def run_sampler(acq, params: SamplingParams, cancel: CancelToken, device, method
         S = min(params.batch, params.samples - b * params.batch)
         c = c1.expand(S, 1, 1, 1).clone()
         dc = make_dc(lik, c, cancel)
+        if adapter is not None:
+            adapter.restart()  # every batch of samples starts from the shipped network
         x = torch.randn((S, *shape), generator=gen).to(dev)
         u = None
         trace = []
         for i, t in enumerate(ts):
             cancel.raise_if_cancelled()
             t_next = ts[i + 1] if i + 1 < len(ts) else -1
-            eps = prior_eps(prior, x, t, params.orientation, i, generator=pad_gen)
-            if eps_hook is not None:
-                eps = eps_hook(x, eps, t, i)
+            state = SamplerState(i, len(ts), t, t_next, c, lik, warn, x_t=x, adapter=adapter,
+                                 orientation=params.orientation, generator=pad_gen, cond=cond,
+                                 guidance=params.guidance)
+            if predict is not None:
+                eps, state.eps = predict(x, state)
+            else:
+                eps = state.eps = state.eps_of(prior, x)
             x0 = sched.tweedie(x, eps, t)
             z = torch.where(fov, c * x0.clamp_min(0), torch.zeros_like(x0))
-            state = SamplerState(i, len(ts), t, t_next, c, lik, warn)
             n_warn = len(warnings)
             u = dc(z, x, state)
             for w in warnings[n_warn:]:
                 yield RunWarning(w)
             x0_dc = torch.nan_to_num(u / c)
             noise = torch.randn(x.shape, generator=gen).to(dev) if params.eta > 0 else None
-            x = sched.ddim_step(x0_dc, eps, t, t_next, params.eta, noise=noise)
+            x = sched.ddim_step(x0_dc, state.eps, t, t_next, params.eta, noise=noise)
             ll = lik.value(u)
             trace.append(float(ll.mean()))
             done = b * params.steps + i + 1
@@ -182,7 +231,9 @@ def run_sampler(acq, params: SamplingParams, cancel: CancelToken, device, method
                   metadata={"method": method, "params": params_to_dict(params),
                             "scale": float(c1.flatten()[0]), "per_sample_likelihood": per_sample_ll,
                             "prior": prior.card.get("name", params.prior) if hasattr(prior, "card") else params.prior,
-                            "timesteps": ts})
+                            "timesteps": ts, "mr_conditioned": cond is not None,
+                            **({"adaptation_losses": adapter.losses, "adapted_parameters": adapter.num_trainable()}
+                               if adapter is not None else {})})
 
 
 def check_samples(params) -> None:

@@ -14,7 +14,7 @@ import torch
 from ..likelihood import PoissonLikelihood
 from ..params import param, params_to_dict
 from ..run import Intermediate, Progress, Result, Sample
-from .core import SamplingParams, get_prior, orientations_used, osem_scale, prior_eps
+from .core import SamplingParams, get_prior, mr_condition, orientations_used, osem_scale, prior_eps
 
 
 @dataclass
@@ -35,6 +35,7 @@ def run_dps(acq, params: DPSParams, cancel, device=None):
     dev = torch.device(device) if device is not None else torch.device("cpu")
     prior = get_prior(params.prior, dev)
     prior.check_grid(acq.grid, orientations_used(acq.grid, params.orientation))
+    cond = mr_condition(prior, acq, dev)
     lik = PoissonLikelihood(acq, 1, device=dev)
     c1, _ = osem_scale(lik, params.scale_threshold, cancel)
     sched = prior.schedule
@@ -54,7 +55,8 @@ def run_dps(acq, params: DPSParams, cancel, device=None):
             t_next = ts[i + 1] if i + 1 < len(ts) else -1
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                eps = prior_eps(prior, x, t, params.orientation, i, grad=True, generator=pad_gen)
+                eps = prior_eps(prior, x, t, params.orientation, i, grad=True, generator=pad_gen, cond=cond,
+                                guidance=params.guidance)
                 x0 = sched.tweedie(x, eps, t)
                 u = lik.mask(c * x0.clamp_min(0))
                 dev_ = _deviance(lik, u)

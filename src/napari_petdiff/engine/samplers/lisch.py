@@ -69,7 +69,8 @@ def lisch_targets(curve, N: int, k_start: float, k_end: float, schedule: str) ->
     return [target_at(curve, k_start + (k_end - k_start) * _frac(n, N, schedule)) for n in range(1, N + 1)]
 
 
-def run_lisch(acq, params: LiSchParams, cancel, device=None):
+def lisch_setup(acq, params: LiSchParams, cancel, device):
+    """(MLEM curve, per-step likelihood targets, make_dc) shared by LiSch and its adapted variant."""
     if params.start_iteration > params.target_iteration:
         raise ValueError("start_iteration must not exceed target_iteration")
     k_end = int(math.ceil(params.target_iteration))
@@ -101,8 +102,17 @@ def run_lisch(acq, params: LiSchParams, cancel, device=None):
 
         return dc
 
-    result = yield from run_sampler(acq, params, cancel, device, "lisch", make_dc)
+    return curve, targets, make_dc
+
+
+def attach_targets(result, curve, targets):
     result.metadata["likelihood_targets"] = targets
     result.metadata["mlem_curve"] = curve
     result.metadata["final_target"] = targets[-1]
     return result
+
+
+def run_lisch(acq, params: LiSchParams, cancel, device=None):
+    curve, targets, make_dc = lisch_setup(acq, params, cancel, device)
+    result = yield from run_sampler(acq, params, cancel, device, "lisch", make_dc)
+    return attach_targets(result, curve, targets)

@@ -14,3 +14,12 @@ from .dps import DPSParams, run_dps  # noqa: E402
 register(MethodSpec("dps", run_dps, DPSParams,
                     "DPS: diffusion posterior sampling by gradient steps through the network (baseline)",
                     family="diffusion", samples=True))
+from .ddip import DDIPParams, run_ddip  # noqa: E402
+from .lisch_scd import LiSchSCDParams, run_lisch_scd  # noqa: E402
+
+register(MethodSpec("ddip-hqs", run_ddip, DDIPParams,
+                    "DDIP-HQS: EM-prox x-step toward the Tweedie image, network fine-tuned on it (out-of-distribution "
+                    "data)", family="diffusion", samples=True))
+register(MethodSpec("lisch-scd", run_lisch_scd, LiSchSCDParams,
+                    "PET-LiSch + steerable adaptation: LoRA fitted to the data while sampling (out-of-distribution "
+                    "data)", family="diffusion", samples=True))
