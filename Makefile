@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PKGS := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0 libgl1 libegl1 fonts-dejavu-core
 
-.PHONY: install run test bench screenshots clean
+.PHONY: install run test bench bench-diffusion screenshots clean
 
 install: $(STAMP)
 
@@ -35,6 +35,15 @@ bench: install
 	$(PY) benchmarks/projector.py
 	$(PY) benchmarks/classical.py
 	$(PY) benchmarks/patlak.py
+
+# The diffusion benchmarks: about 1.5 h on 2 idle cores.
+bench-diffusion: install
+	$(PY) benchmarks/prior.py bench
+	$(PY) benchmarks/prior.py samples
+	$(PY) benchmarks/quality.py --realisations 5 --jobs 2
+	$(PY) benchmarks/ood.py --case amyloid --jobs 2
+	$(PY) benchmarks/ood.py --case ring --jobs 2
+	$(PY) benchmarks/recon3d.py --steps 10
 
 screenshots: install
 	xvfb-run -a -s "-screen 0 1600x1000x24" $(PY) docs/make_screenshots.py

@@ -62,10 +62,10 @@ def sweeps(steps: int, quick: bool):
         "OSEM": ("osem", "iterations", [2, 4, 8] if quick else [1, 2, 3, 4, 6, 8, 12], dict(subsets=8)),
         "MAP-RDP": ("map-rdp", "beta", [1.0, 10.0] if quick else [0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
                     dict(epochs=20, subsets=8)),
-        "PET-LiSch": ("lisch", "target_iteration", [10.0] if quick else [5.0, 10.0, 20.0], diff),
-        "LiSch+SCD": ("lisch-scd", "target_iteration", [10.0] if quick else [5.0, 10.0, 20.0], diff),
-        "DDIP-HQS": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3, 1.0], diff),
-        **({"DDIP-HQS + MR": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3, 1.0], dict(diff, prior=MR_PRIOR))}
+        "PET-LiSch": ("lisch", "target_iteration", [8.0] if quick else [4.0, 8.0, 16.0], diff),
+        "LiSch+SCD": ("lisch-scd", "target_iteration", [8.0] if quick else [4.0, 8.0, 16.0], diff),
+        "DDIP-HQS": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3], diff),
+        **({"DDIP-HQS + MR": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3], dict(diff, prior=MR_PRIOR))}
            if has_mr_prior() else {}),
     }
 
@@ -115,7 +115,7 @@ def one_realisation(task):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", choices=["amyloid", "ring"], required=True)
-    ap.add_argument("--realisations", type=int, default=3)
+    ap.add_argument("--realisations", type=int, default=2)
     ap.add_argument("--counts", type=float, nargs="+", default=[5e4, 3e5])
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")

@@ -32,17 +32,19 @@ START, END = "<!-- prior:start -->", "<!-- prior:end -->"
 HELD_OUT_SEED = 10_000  # training uses SeedSequence([seed, rank, group]); these plain seeds are disjoint
 
 
-def held_out_slices(n: int, prior, seed: int = HELD_OUT_SEED) -> torch.Tensor:
-    """Axial phantom slices from held-out deformation seeds, normalised like training (no scaling/flip)."""
+def held_out_slices(n: int, prior, seed: int = HELD_OUT_SEED, with_mr: bool = False) -> torch.Tensor:
+    """Axial phantom slices from held-out deformation seeds, normalised like training (no scaling/flip);
+    (n, 1, S, S), or (n, 2, S, S) PET and MR pairs with ``with_mr``."""
     from napari_petdiff.engine.phantoms.training import random_training_volume
 
     s = prior.image_size
     cfg = DataConfig(image_size=s, volume_shape=(s // 2, s, s), voxel_size_mm=prior.voxel_size_mm,
-                     orientation_probs=(1.0, 0.0, 0.0), scale_range=(1.0, 1.0), flip_lr=False, workers=0)
+                     orientation_probs=(1.0, 0.0, 0.0), scale_range=(1.0, 1.0), flip_lr=False, workers=0,
+                     with_mr=with_mr)
     out, k = [], 0
     while sum(len(o) for o in out) < n:
         rng = np.random.default_rng(seed + k)
-        vol = random_training_volume(rng, shape=cfg.volume_shape, voxel_size_mm=cfg.voxel_size_mm)
+        vol = random_training_volume(rng, shape=cfg.volume_shape, voxel_size_mm=cfg.voxel_size_mm, with_mr=with_mr)
         out.append(slices_from_volume(vol, cfg, rng, min(4, n)))
         k += 1
     return torch.from_numpy(np.concatenate(out)[:n])
@@ -62,8 +64,9 @@ def gaussian_filter_batch(y: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_samples(prior, n: int, steps: int = 50, eta: float = 0.0, seed: int = 0, batch: int = 8,
-                 clip: float = 10.0) -> torch.Tensor:
-    """Unconditional DDIM; x0 clipped to [0, clip] (the normalised data range) unless clip <= 0."""
+                 clip: float = 10.0, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM samples (conditional on ``cond`` (n, 1, S, S) MR slices if given); x0 clipped to
+    [0, clip] (the normalised data range) unless clip <= 0."""
     g = torch.Generator().manual_seed(seed)
     sched = prior.schedule
     ts = sched.timesteps(steps)
@@ -73,7 +76,7 @@ def ddim_samples(prior, n: int, steps: int = 50, eta: float = 0.0, seed: int = 0
         x = torch.randn((b, 1, prior.image_size, prior.image_size), generator=g)
         for j, t in enumerate(ts):
             t_next = ts[j + 1] if j + 1 < len(ts) else -1
-            eps = prior.eps(x, t)
+            eps = prior.eps(x, t, None if cond is None else cond[i:i + b])
             x0 = sched.tweedie(x, eps, t)
             if clip > 0:
                 x0 = x0.clamp(0, clip)
@@ -109,7 +112,9 @@ def bench(args) -> None:
     torch.set_num_threads(args.threads)
     prior = load_prior(args.prior)
     n_img = 8 if args.quick else 32
-    x0 = held_out_slices(n_img, prior)
+    conditional = prior.cond_channels > 0
+    pairs = held_out_slices(n_img, prior, with_mr=conditional)
+    x0, mr = pairs[:, :1], (pairs[:, 1:] if conditional else None)
     rows = []
     g = torch.Generator().manual_seed(1)
     for sigma in (0.1, 0.25, 0.5, 1.0):
@@ -121,22 +126,28 @@ def bench(args) -> None:
         eff = ((1 - ab) / ab) ** 0.5
         tw = torch.cat([prior.tweedie(xt[i:i + 8], t) for i in range(0, len(xt), 8)])
         mse_tw = float(((tw - x0) ** 2).mean())
+        if conditional:  # the MR given: the number that matters for an MR-guided prior
+            tw_mr = torch.cat([prior.tweedie(xt[i:i + 8], t, mr[i:i + 8]) for i in range(0, len(xt), 8)])
+            mse_tw = (mse_tw, float(((tw_mr - x0) ** 2).mean()))
         best = min((float(((gaussian_filter_batch(y, s) - x0) ** 2).mean()), s)
                    for s in (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0))
         rows.append((eff, t, float(((y - x0) ** 2).mean()), best[0], best[1], mse_tw))
     n_s = 8 if args.quick else 16
+    ref = held_out_slices(max(n_s, 16), prior, seed=HELD_OUT_SEED + 500, with_mr=conditional)
+    train_imgs, ref_mr = ref[:, :1], (ref[:n_s, 1:] if conditional else None)
     t0 = time.perf_counter()
-    samples = ddim_samples(prior, n_s, steps=50, batch=8)
+    samples = ddim_samples(prior, n_s, steps=50, batch=8, cond=ref_mr)
     t_batch = (time.perf_counter() - t0) / n_s
     t0 = time.perf_counter()
-    ddim_samples(prior, 1, steps=50, batch=1)
+    ddim_samples(prior, 1, steps=50, batch=1, cond=None if ref_mr is None else ref_mr[:1])
     t_single = time.perf_counter() - t0
-    train_imgs = held_out_slices(max(n_s, 16), prior, seed=HELD_OUT_SEED + 500)
     st_s, st_t = image_stats(samples), image_stats(train_imgs)
 
     card = prior.card
+    start, end = markers(prior.name)
+    mr_col = " Tweedie MSE, MR given | gain with MR |" if conditional else ""
     lines = [
-        START,
+        start,
         f"### Diffusion prior `{prior.name}` ({dt.date.today().isoformat()}, `python benchmarks/prior.py bench"
         f"{' --quick' if args.quick else ''}`)",
         "",
@@ -144,14 +155,18 @@ def bench(args) -> None:
         f"2 shared CPU cores), {card.get('parameters', '?')} parameters. Held-out phantom slices: {n_img} axial "
         f"slices from deformation seeds {HELD_OUT_SEED}+ (never drawn in training), normalised to support mean 1.",
         "",
-        "| noise std (normalised units) | t | MSE noisy | best Gaussian filter MSE (sigma px) | Tweedie MSE | gain |",
-        "|---|---|---|---|---|---|",
+        "| noise std (normalised units) | t | MSE noisy | best Gaussian filter MSE (sigma px) | Tweedie MSE"
+        f"{' (MR zeroed)' if conditional else ''} | gain |{mr_col}",
+        "|---|---|---|---|---|---|" + ("---|---|" if conditional else ""),
     ]
     for eff, t, mn, mg, sg, mt in rows:
-        lines.append(f"| {eff:.2f} | {t} | {mn:.4f} | {mg:.4f} ({sg:g}) | {mt:.4f} | {mg / mt:.2f}x |")
+        mt, mt_mr = (mt if conditional else (mt, None))
+        extra = f" {mt_mr:.4f} | {mg / mt_mr:.2f}x |" if conditional else ""
+        lines.append(f"| {eff:.2f} | {t} | {mn:.4f} | {mg:.4f} ({sg:g}) | {mt:.4f} | {mg / mt:.2f}x |{extra}")
     lines += [
         "",
-        f"50-step DDIM (eta 0, x0 clipped to [0, 10] at every step) unconditional samples ({n_s}) vs held-out "
+        f"50-step DDIM (eta 0, x0 clipped to [0, 10] at every step) "
+        f"{'samples given held-out MR slices' if conditional else 'unconditional samples'} ({n_s}) vs held-out "
         f"phantom slices ({len(train_imgs)}), median [10th, 90th percentile] per image. The support is "
         "'pixels above 20 % of the image's 99.5th percentile', so stray background activity in a sample also "
         "lowers its 25th percentile:",
@@ -168,16 +183,21 @@ def bench(args) -> None:
         "",
         f"Sampling time, 50 DDIM steps at {prior.image_size}x{prior.image_size}, {args.threads} thread(s), "
         f"machine shared with training: {t_single:.1f} s per image at batch 1, {t_batch:.1f} s per image at batch 8.",
-        END,
+        end,
     ]
-    write_section("\n".join(lines))
+    write_section("\n".join(lines), start, end)
     print("\n".join(lines))
 
 
-def write_section(text: str) -> None:
+def markers(name: str) -> tuple[str, str]:
+    key = "prior" if name == "brain-fdg-2d" else f"prior-{name}"
+    return f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+
+
+def write_section(text: str, start: str = START, end: str = END) -> None:
     old = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda m: text, old, count=1, flags=re.S)
+    if start in old and end in old:
+        new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda m: text, old, count=1, flags=re.S)
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     BENCH_MD.write_text(new)
@@ -190,6 +210,8 @@ def samples_figure(args) -> None:
 
     torch.set_num_threads(args.threads)
     prior = load_prior(args.prior)
+    if prior.cond_channels:
+        return conditional_samples_figure(args, prior, plt)
     t0 = time.perf_counter()
     s = ddim_samples(prior, args.n, steps=args.steps, seed=args.seed, clip=args.clip)
     dt_s = time.perf_counter() - t0
@@ -208,11 +230,35 @@ def samples_figure(args) -> None:
     fig.suptitle(f"{prior.name}: {args.n} unconditional {args.steps}-step DDIM samples "
                  f"(step {prior.card.get('steps', '?')}, x0 clip [0, {args.clip:g}]); last row: phantoms", fontsize=7)
     plt.subplots_adjust(wspace=0.03, hspace=0.08, left=0.01, right=0.99, bottom=0.01, top=0.93)
+    _save(fig, "prior_samples.png", f"{dt_s / args.n:.2f} s per sample; min {float(s.min()):.2f} max {float(s.max()):.2f}")
+
+
+def conditional_samples_figure(args, prior, plt) -> None:
+    """Columns of (held-out MR, a sample given that MR, the phantom slice it came with)."""
+    n = min(args.n, 8)
+    ref = held_out_slices(n, prior, seed=HELD_OUT_SEED + 500, with_mr=True)
+    s = ddim_samples(prior, n, steps=args.steps, seed=args.seed, clip=args.clip, cond=ref[:, 1:])
+    fig, axes = plt.subplots(3, n, figsize=(n * 1.1, 3 * 1.18))
+    for j in range(n):
+        vmax = float(np.percentile(ref[j, 0].numpy(), 99.7)) or 1
+        for i, (img, kw) in enumerate([(ref[j, 1], dict(cmap="gray", vmin=0, vmax=1)),
+                                       (s[j, 0], dict(cmap="gray_r", vmin=0, vmax=vmax)),
+                                       (ref[j, 0], dict(cmap="gray_r", vmin=0, vmax=vmax))]):
+            axes[i, j].imshow(img.numpy(), **kw)
+            axes[i, j].axis("off")
+    for i, label in enumerate(["MR (input)", "sample given the MR", "phantom PET"]):
+        axes[i, 0].set_title(label, fontsize=6, loc="left")
+    fig.suptitle(f"{prior.name}: {args.steps}-step DDIM samples given held-out MR slices "
+                 f"(step {prior.card.get('steps', '?')})", fontsize=7)
+    plt.subplots_adjust(wspace=0.03, hspace=0.12, left=0.01, right=0.99, bottom=0.01, top=0.9)
+    _save(fig, f"prior_samples_{prior.name}.png", "")
+
+
+def _save(fig, name: str, note: str) -> None:
     FIG.mkdir(parents=True, exist_ok=True)
-    out = FIG / "prior_samples.png"
+    out = FIG / name
     fig.savefig(out, dpi=80)
-    print(f"wrote {out} ({out.stat().st_size // 1024} KB); {dt_s / args.n:.2f} s per sample; "
-          f"min {float(s.min()):.2f} max {float(s.max()):.2f}")
+    print(f"wrote {out} ({out.stat().st_size // 1024} KB) {note}")
 
 
 def loss_figure(args) -> None:

@@ -37,10 +37,22 @@ def methods_and_sweeps(counts: float, quick: bool, steps: int = 25):
         "OSEM": ("osem", "iterations", [1, 2, 4, 8] if quick else [1, 2, 3, 4, 6, 8, 12], dict(subsets=8)),
         "MAP-RDP": ("map-rdp", "beta", [1.0, 10.0] if quick else [0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
                     dict(epochs=20, subsets=8)),
-        "PET-DDS": ("dds", "anchor", [0.3, 1.0] if quick else [0.1, 0.3, 1.0, 3.0], dict(dc_iterations=3, **diff)),
+        "PET-DDS": ("dds", "anchor", [0.3, 1.0] if quick else [0.3, 1.0, 3.0], dict(dc_iterations=3, **diff)),
         "PET-LiSch": ("lisch", "target_iteration", [4.0, 8.0] if quick else [4.0, 8.0, 16.0, 32.0, 64.0], diff),
         "DPS": ("dps", "zeta", [1.0] if quick else [0.3, 1.0], dict(steps=2 * steps, samples=2, batch=2)),
+        # the MR-guided prior reads the phantom's T1 that the simulated acquisition carries
+        **({"PET-LiSch + MR": ("lisch", "target_iteration", [8.0] if quick else [4.0, 8.0, 16.0, 32.0],
+                               dict(diff, prior=MR_PRIOR))} if has_mr_prior() else {}),
     }
+
+
+MR_PRIOR = "brain-fdg-mr-2d"
+
+
+def has_mr_prior() -> bool:
+    from napari_petdiff.engine.diffusion.io import list_priors
+
+    return any(c.get("name") == MR_PRIOR for c in list_priors())
 
 
 def evaluate(img, truth, mask, les_hot, les_cold, wm_bg):
@@ -119,7 +131,11 @@ def main():
 
     from napari_petdiff.engine.samplers.core import get_prior
     card = get_prior("brain-fdg-2d", torch.device("cpu")).card
-    lines = [f"Prior: brain-fdg-2d after {card.get('steps')} training steps ({card.get('date', '')[:16]}). "
+    mr_note = ""
+    if has_mr_prior():
+        mr_note = (f" MR-guided rows: {MR_PRIOR} after {get_prior(MR_PRIOR, torch.device('cpu')).card.get('steps')} "
+                   "fine-tuning steps, given the phantom's T1.")
+    lines = [f"Prior: brain-fdg-2d after {card.get('steps')} training steps ({card.get('date', '')[:16]}).{mr_note} "
              f"Machine: {machine()}. Command: `python benchmarks/quality.py --realisations {args.realisations}"
              f"{' --quick' if args.quick else ''} --steps {args.steps} --jobs {args.jobs}` (one torch thread per "
              "job). 2-D FDG brain slice (128x128, 2 mm) with a hot and a cold "
@@ -151,6 +167,7 @@ def _figures(counts_list, best_imgs, bias_var):
     import matplotlib.pyplot as plt
 
     names = ["truth", "OSEM", "MAP-RDP", "PET-DDS", "PET-LiSch", "DPS"]
+    names += ["PET-LiSch + MR"] if has_mr_prior() else []
     fig, axes = plt.subplots(len(counts_list), len(names) + 1, figsize=(2.0 * (len(names) + 1), 2.1 * len(counts_list)))
     axes = np.atleast_2d(axes)
     for i, c in enumerate(counts_list):

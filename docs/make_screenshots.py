@@ -155,12 +155,34 @@ def patlak_shot() -> None:
     viewer.close()
 
 
+def ood_shot() -> None:
+    """MR-guided DDIP-HQS (the MR-conditioned prior reads the sample's MR) with its posterior std."""
+    viewer = new_viewer()
+    _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Reconstruction")
+    w.set_method("ddip-hqs")
+    w.form.set_values({"prior": "brain-fdg-mr-2d", "steps": 25, "samples": 2, "batch": 2, "rho": 0.3})
+    done = []
+    w.run_finished.connect(lambda *_: done.append(True))
+    w.run_failed.connect(lambda msg: done.append(msg))
+    w.run_button.click()
+    wait_until(lambda: done, timeout=900, what="the DDIP-HQS run")
+    if done[0] is not True:
+        raise SystemExit(f"DDIP-HQS failed: {done[0]}")
+    for lay in viewer.layers:
+        lay.visible = lay.name in ("brain2d mr", "ddip-hqs mean", "ddip-hqs std")
+    viewer.layers.selection.active = viewer.layers["ddip-hqs mean"]
+    viewer.grid.enabled = True
+    viewer.reset_view()
+    shoot(viewer, "ddip-mr")
+    viewer.close()
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     from qtpy.QtWidgets import QApplication  # noqa: F401 - napari.Viewer creates the app
 
     shots = {"reconstruction": reconstruction_shot, "comparison": comparison_shot, "data": data_shot,
-             "patlak": patlak_shot}
+             "patlak": patlak_shot, "ddip-mr": ood_shot}
     for name in sys.argv[1:] or list(shots):
         shots[name]()
     return 0

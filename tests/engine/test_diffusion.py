@@ -329,3 +329,24 @@ def test_tiny_prior_for_sampler_tests_denoises():
     mse_naive = float(((naive - x0) ** 2).mean())
     mse_tweedie = float(((prior.tweedie(xt, t) - x0) ** 2).mean())
     assert mse_tweedie < 0.5 * mse_naive
+
+
+class CondStub(PixelStub):
+    """eps = the conditioning image: shows that the MR is sliced, padded and cropped like x."""
+
+    def __init__(self):
+        super().__init__()
+        self.cond_channels = 1
+
+    def forward(self, x, t, cond=None):
+        return self.w * cond
+
+
+@pytest.mark.parametrize("orientation", ["xy", "xz", "yz"])
+def test_eps_volume_slices_the_mr_like_the_image(orientation):
+    g = torch.Generator().manual_seed(5)
+    vol, mr = torch.randn((2, 8, 12, 16), generator=g), torch.rand((2, 8, 12, 16), generator=g)
+    stub = ScorePrior(CondStub(), image_size=16)
+    torch.testing.assert_close(stub.eps_volume(vol, 300, orientation, chunk=5, cond=mr), mr)
+    with pytest.raises(ValueError, match="cond volume"):
+        stub.eps_volume(vol, 300, orientation, cond=mr[:, :4])
