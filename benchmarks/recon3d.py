@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(label, r, flush=True)
         rows.append((label, r))
-    lines = [f"Machine: {machine()}; {args.threads} threads. Command: `python benchmarks/recon3d.py --steps {s}`. "
+    lines = [f"Machine: {machine()}; {args.threads} threads, load average {os.getloadavg()[0]:.1f} at start. "
+             f"Command: `python benchmarks/recon3d.py --steps {s} --threads {args.threads}`. "
              f"Brain FDG volume 64x128x128 at 2 mm, {args.counts:.0e} trues, brain_scanner(n_rings=64) direct "
              "planes (2.5-D). One posterior sample per diffusion run; time per full 50-step sample is about "
              f"50/{s} times the time shown. Peak RSS includes the process baseline (torch, projector matrix).", "",

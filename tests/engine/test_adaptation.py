@@ -198,5 +198,7 @@ def test_mr_conditioned_prior_needs_the_mr_and_uses_it(small_acq, use_tiny_mr):
     a = reconstruct(acq.with_mr(mr_a), "ddip-hqs", **kw)
     b = reconstruct(acq.with_mr(torch.zeros_like(mr_a)), "ddip-hqs", **kw)
     assert a.metadata["mr_conditioned"] and not torch.equal(a.mean, b.mean)
+    with pytest.raises(ValueError, match="resample the MR"):
+        acq.with_mr(mr_a[:, :16])
     g = reconstruct(acq.with_mr(mr_a), "lisch-scd", guidance=2.0, target_iteration=3.0, **kw)
     assert bool(torch.isfinite(g.mean).all())
