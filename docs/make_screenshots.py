@@ -25,6 +25,17 @@ def wait_until(pred, timeout: float = 300.0, what: str = "condition") -> None:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def run_and_wait(w, what: str, timeout: float = 600.0) -> None:
+    """Click a widget's Run button and wait for run_finished; a run_failed message ends the script."""
+    done = []
+    w.run_finished.connect(lambda *_: done.append(True))
+    w.run_failed.connect(lambda msg: done.append(msg))
+    w.run_button.click()
+    wait_until(lambda: done, timeout=timeout, what=what)
+    if done[0] is not True:
+        raise SystemExit(f"{what} failed: {done[0]}")
+
+
 def settle(seconds: float = 0.8) -> None:
     from qtpy.QtWidgets import QApplication
 
@@ -59,13 +70,7 @@ def reconstruction_shot() -> None:
     _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Reconstruction")
     w.set_method("osem")
     w.form.set_values({"iterations": 2, "subsets": 8})
-    done = []
-    w.run_finished.connect(lambda *_: done.append(True))
-    w.run_failed.connect(lambda msg: done.append(msg))
-    w.run_button.click()
-    wait_until(lambda: done, what="the OSEM run")
-    if done[0] is not True:
-        raise SystemExit(f"OSEM failed: {done[0]}")
+    run_and_wait(w, "the OSEM run")
     viewer.layers["brain2d truth"].visible = False
     shoot(viewer, "reconstruction")
     # the likelihood-target control of a likelihood-matched diffusion method (if registered)
@@ -127,13 +132,7 @@ def patlak_shot() -> None:
     _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Patlak")
     w.method_box.setCurrentIndex(w.method_box.findData("patlak-ls"))
     w.form.set_values({"t_star": 30.0, "iterations": 3, "subsets": 10, "postfilter_fwhm": 6.0})
-    done = []
-    w.run_finished.connect(lambda *_: done.append(True))
-    w.run_failed.connect(lambda msg: done.append(msg))
-    w.run_button.click()
-    wait_until(lambda: done, timeout=600, what="the Patlak run")
-    if done[0] is not True:
-        raise SystemExit(f"Patlak failed: {done[0]}")
+    run_and_wait(w, "the Patlak run")
     if w.frames_button.isVisible():
         ready = []
         w.frames_ready.connect(lambda: ready.append(True))
@@ -161,13 +160,7 @@ def ood_shot() -> None:
     _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Reconstruction")
     w.set_method("ddip-hqs")
     w.form.set_values({"prior": "brain-fdg-mr-2d", "steps": 25, "samples": 2, "batch": 2, "rho": 0.3})
-    done = []
-    w.run_finished.connect(lambda *_: done.append(True))
-    w.run_failed.connect(lambda msg: done.append(msg))
-    w.run_button.click()
-    wait_until(lambda: done, timeout=900, what="the DDIP-HQS run")
-    if done[0] is not True:
-        raise SystemExit(f"DDIP-HQS failed: {done[0]}")
+    run_and_wait(w, "the DDIP-HQS run", timeout=900)
     for lay in viewer.layers:
         lay.visible = lay.name in ("brain2d mr", "ddip-hqs mean", "ddip-hqs std")
     viewer.layers.selection.active = viewer.layers["ddip-hqs mean"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from napari_petdiff import cli
 from napari_petdiff.engine.diffusion.data import DataConfig, SliceStream, fit_to_size, slices_from_volume
-from napari_petdiff.engine.diffusion.io import load_prior
+from napari_petdiff.engine.diffusion.io import list_priors, load_prior
 from napari_petdiff.engine.diffusion.train import TrainConfig, train
 from napari_petdiff.engine.diffusion.unet import UNet
 from napari_petdiff.engine.run import Cancelled, CancelToken
@@ -216,6 +216,11 @@ def test_petdiff_priors_lists_the_shipped_prior(capsys):
     assert cli.main(["priors"]) == 0
     out = capsys.readouterr().out
     assert "brain-fdg-2d: 128x128 slices at 2 mm" in out and "training steps" in out
+    # both shipped priors, and the MR-conditioned one says what it needs
+    assert "brain-fdg-mr-2d: 128x128 slices at 2 mm" in out and "MR-conditioned: needs an MR image" in out
+    cards = {c["name"]: c for c in list_priors()}
+    assert cards["brain-fdg-mr-2d"]["architecture"]["cond_channels"] == 1
+    assert cards["brain-fdg-2d"]["architecture"]["cond_channels"] == 0
     prior = load_prior("brain-fdg-2d")
     assert prior.image_size == 128 and prior.card["steps"] > 0 and prior.card["wall_time_s"] > 0
 

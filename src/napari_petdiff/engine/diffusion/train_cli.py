@@ -177,6 +177,8 @@ def run_priors(args) -> int:
               f"{c.get('parameters', '?')} parameters, {c.get('steps', '?')} training steps"
               + (f" ({wall / 3600:.2f} h)" if isinstance(wall, (int, float)) else "")
               + f", exported {c.get('date', '?')}")
+        if c.get("architecture", {}).get("cond_channels", 0):
+            print("    MR-conditioned: needs an MR image on the PET grid (recon --mr FILE, or a simulated scan's MR)")
         if c.get("description"):
             print(f"    {c['description']}")
     return 0
