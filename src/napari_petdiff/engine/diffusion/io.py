@@ -67,7 +67,7 @@ def make_card(prior: ScorePrior, extra: dict | None = None) -> dict:
     card.update({
         "card_version": CARD_VERSION,
         "name": prior.name,
-        "kind": "ddpm-eps-unet-2d",
+        "kind": (extra or {}).get("kind") or prior.card.get("kind") or "ddpm-eps-unet-2d",  # DEFT: h-networks
         "architecture": dict(prior.net.config),
         "schedule": prior.schedule.to_dict(),
         "normalisation": prior.normalisation,

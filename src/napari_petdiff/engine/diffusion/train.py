@@ -131,6 +131,10 @@ class TrainConfig:
         if self.data.image_size % m:
             raise ValueError(f"image size {self.data.image_size} must be divisible by {m} "
                              f"for a UNet with {len(self.channel_mult)} levels")
+        self.validate_inputs()
+
+    def validate_inputs(self) -> None:
+        """Checks of the network's extra inputs (the MR channel here; DEFT overrides)."""
         if self.cond_channels not in (0, 1):
             raise ValueError(f"cond_channels must be 0 (unconditional) or 1 (MR-conditioned); got {self.cond_channels}")
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -138,6 +142,9 @@ class TrainConfig:
         if self.cond_channels and not self.data.source.startswith(("phantom", "synthetic")):
             raise ValueError("MR-conditioned training needs paired MR images: use data source 'phantom'")
         self.data.with_mr = bool(self.cond_channels)  # the data follow the network's inputs
+
+    def make_task(self, device) -> "EpsTask":
+        return EpsTask(self, device)
 
 
 # --- distributed ----------------------------------------------------------------------------------
@@ -333,8 +340,48 @@ def init_weights_from(net: UNet, name_or_path: str) -> None:
                                  f"this network needs {tuple(own[k].shape)}")
 
 
+class EpsTask:
+    """What a training step learns; the loop (optimiser, EMA, DDP, checkpoints) is shared.
+
+    The prior's task: the clean slices are the targets, the network predicts epsilon, an MR
+    channel (dropped with probability ``cond_dropout``) conditions it. DEFT (deft.py) swaps in
+    simulated scans as targets and a frozen prior plus an h-network as the prediction.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+
+    def init_net(self, net: UNet) -> None:
+        if self.cfg.init_from:
+            init_weights_from(net, self.cfg.init_from)
+
+    def draws(self, n: int, gen: torch.Generator):
+        """Per-image random numbers of a step, drawn for the whole (global) batch so that DDP
+        ranks that split one batch see the draws a single process would: here the MR dropout."""
+        if not self.cfg.cond_channels:
+            return None
+        return torch.rand((n, 1, 1, 1), generator=gen) >= self.cfg.cond_dropout
+
+    def targets(self, batch: torch.Tensor, draws):
+        """(normalised clean images x0 (B, 1, H, W), context for predict) from a data batch."""
+        x0 = batch[:, :1].to(self.device)
+        cond = None if draws is None else (batch[:, 1:] * draws).to(self.device)
+        return x0, cond
+
+    def predict(self, model, x_t: torch.Tensor, t: torch.Tensor, ctx) -> torch.Tensor:
+        mf = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        cond = None if ctx is None else ctx.contiguous(memory_format=mf)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            return model(x_t, t, cond)
+
+    def export(self, ema: dict, step: int, wall_s: float, loss_recent: float, world: int) -> Path:
+        return export_ema(self.cfg, ema, step, wall_s, loss_recent, world)
+
+
 def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
-    """Generator: yields Progress events (message holds the loss); returns a summary dict."""
+    """Generator: yields Progress events (message holds the loss); returns a summary dict.
+
+    ``cfg.make_task`` decides what is learnt (a prior, or DEFT's h-network)."""
     cfg.validate()
     device = torch.device(device or "cpu")
     dist = _Dist.from_env(device)
@@ -354,18 +401,19 @@ def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
     ck_state = None
     if cfg.resume:
         ck_state, msd, esd, osd_t = load_checkpoint(cfg.resume)
-        saved = TrainConfig.from_dict(ck_state["config"])
+        saved = type(cfg).from_dict(ck_state["config"])
         if saved.arch() != cfg.arch():
             raise ValueError(f"cannot resume {cfg.resume}: its network {saved.arch()} differs from the requested "
                              f"{cfg.arch()}; resume with the checkpoint's own settings")
         step, wall_prev = int(ck_state["step"]), float(ck_state["wall_time_s"])
 
+    task = cfg.make_task(device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run of this seed
     net = UNet(**cfg.arch()).to(device)
     if cfg.resume:
         net.load_state_dict(msd)
-    elif cfg.init_from:
-        init_weights_from(net, cfg.init_from)
+    else:
+        task.init_net(net)
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = net.to(memory_format=mf)
     params = list(net.parameters())
@@ -419,22 +467,20 @@ def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
                 gen.manual_seed(_step_seed(cfg.seed, data_rank, step))
                 t = torch.randint(0, cfg.T, (draw_b,), generator=gen)
                 eps = torch.randn((batch.shape[0], 1, *batch.shape[2:]), generator=gen)
+                draws = task.draws(batch.shape[0], gen)
                 if cfg.data_sharding == "global":
                     sl = slice(dist.rank * local_b, (dist.rank + 1) * local_b)
                     batch, t, eps = batch[sl], t[sl], eps[sl]
+                    draws = None if draws is None else draws[sl]
                 torch.manual_seed(_step_seed(cfg.seed, dist.rank, step) + 1)  # dropout
-                x0, eps, t = batch[:, :1].to(device), eps.to(device), t.to(device)
-                cond = None
-                if cfg.cond_channels:
-                    keep = torch.rand((x0.shape[0], 1, 1, 1), generator=gen) >= cfg.cond_dropout
-                    cond = (batch[:, 1:] * keep).to(device).contiguous(memory_format=mf)
+                eps, t = eps.to(device), t.to(device)
+                x0, ctx = task.targets(batch, draws)
                 a = abar[t].view(-1, 1, 1, 1)
                 x_t = (a.sqrt() * x0 + (1 - a).sqrt() * eps).contiguous(memory_format=mf)
                 lr = lr_at(cfg, step)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    pred = model(x_t, t, cond)
+                pred = task.predict(model, x_t, t, ctx)
                 per_image = (pred.float() - eps).square().mean(dim=(1, 2, 3))
                 loss = per_image.mean()  # logged: the plain epsilon MSE, comparable across weightings
                 if cfg.loss_weighting == "trunc-snr":
@@ -471,7 +517,7 @@ def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
                         save_checkpoint(out, step, net, ema, opt, cfg, wall, stream.position, cfg.keep_checkpoints)
                         last_ck = time.time()
                     if (time.time() - last_export) > 60 * cfg.export_minutes and step < cfg.steps and not stop:
-                        export_ema(cfg, ema, step, wall, float(np.mean(recent)), dist.world)
+                        task.export(ema, step, wall, float(np.mean(recent)), dist.world)
                         last_export = time.time()
                 rate = (step - start_step) / max(1e-9, time.time() - t0)
                 yield Progress(step, cfg.steps, message=f"loss {loss_g:.4f} lr {lr:.2e} {rate:.2f} it/s",
@@ -485,8 +531,8 @@ def train(cfg: TrainConfig, cancel: CancelToken | None = None, device=None):
             if step > start_step or not cfg.resume:
                 ck_path = save_checkpoint(out, step, net, ema, opt, cfg, wall, stream.position,
                                           cfg.keep_checkpoints)
-            export_path = export_ema(cfg, ema, step, wall, float(np.mean(recent)) if recent else float("nan"),
-                                     dist.world)
+            export_path = task.export(ema, step, wall, float(np.mean(recent)) if recent else float("nan"),
+                                      dist.world)
         if dist.world > 1:
             import torch.distributed as tdist
             tdist.barrier()

@@ -1,4 +1,4 @@
-"""`petdiff train` (train or resume a slice prior) and `petdiff priors` (list shipped priors)."""
+"""`petdiff train` (a slice prior), `petdiff train-deft` (a DEFT h-network) and `petdiff priors`."""
 from __future__ import annotations
 
 import json
@@ -51,11 +51,17 @@ def _tuple_int(s: str) -> tuple:
         raise ValueError(f"expected comma-separated integers such as 1,2,2,4; got {s!r}") from None
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train (or resume) a diffusion slice prior",
-                              description="Train a 2-D DDPM slice prior. Under `torchrun --nproc-per-node N -m "
-                                          "napari_petdiff.cli train ...` it runs DistributedDataParallel.")
-    p.add_argument("--config", help="JSON file with TrainConfig fields (flags override it)")
+# the DEFT h-network's own fields (petdiff train-deft)
+_DEFT_FLAGS = {
+    "--prior": ("prior", str, "the frozen prior h is trained for (default brain-fdg-2d)"),
+    "--counts-min": ("counts_min", float, "lowest total trues per training slice (log-uniform range)"),
+    "--counts-max": ("counts_max", float, "highest total trues per training slice"),
+    "--delta": ("delta", float, "offset that lets zero voxels grow in the guidance image (default 0.01)"),
+}
+
+
+def _add_training_options(p, cfg_name: str) -> None:
+    p.add_argument("--config", help=f"JSON file with {cfg_name} fields (flags override it)")
     p.add_argument("--resume", help="run directory or checkpoint to continue from (its config is reused)")
     for flag, (dest, typ, hlp) in _FLAGS.items():
         p.add_argument(flag, dest="cfg_" + dest.replace(".", "__"), type=typ, default=None, help=hlp,
@@ -70,21 +76,40 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train (or resume) a diffusion slice prior",
+                              description="Train a 2-D DDPM slice prior. Under `torchrun --nproc-per-node N -m "
+                                          "napari_petdiff.cli train ...` it runs DistributedDataParallel.")
+    _add_training_options(p, "TrainConfig")
+    p.set_defaults(config_class="TrainConfig")
+
+    d = subparsers.add_parser("train-deft", help="train (or resume) a PET-DEFT h-network on a frozen prior",
+                              description="Train DEFT's h-network on simulated (phantom, Poisson scan) pairs over a "
+                                          "range of count levels; the prior stays frozen. Same checkpoints, resume "
+                                          "and torchrun support as `petdiff train`.")
+    _add_training_options(d, "DeftConfig")
+    for flag, (dest, typ, hlp) in _DEFT_FLAGS.items():
+        d.add_argument(flag, dest="deft_" + dest, type=typ, default=None, help=hlp, metavar=typ.__name__.upper())
+    d.set_defaults(config_class="DeftConfig")
+
     q = subparsers.add_parser("priors", help="list the shipped diffusion priors and their model cards")
     q.add_argument("--json", action="store_true", help="print the full cards as JSON")
     q.set_defaults(func=run_priors)
 
 
 def build_config(args):
+    from .deft import DeftConfig
     from .train import TrainConfig, find_checkpoint
 
+    cls = DeftConfig if getattr(args, "config_class", "TrainConfig") == "DeftConfig" else TrainConfig
     if args.config:
-        cfg = TrainConfig.from_json(args.config)
+        cfg = cls.from_json(args.config)
     elif args.resume:
         state = json.loads((find_checkpoint(args.resume) / "state.json").read_text())
-        cfg = TrainConfig.from_dict(state["config"])
+        cfg = cls.from_dict(state["config"])
     else:
-        cfg = TrainConfig()
+        cfg = cls()
     given = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     if "data__image_size" in given and not (args.resume or args.config):
         s = given["data__image_size"]
@@ -94,6 +119,13 @@ def build_config(args):
             setattr(cfg.data, key[6:], v)
         else:
             setattr(cfg, key, v)
+    deft = {k[5:]: v for k, v in vars(args).items() if k.startswith("deft_") and v is not None}
+    if "prior" in deft:
+        cfg.prior = deft["prior"]
+    if "delta" in deft:
+        cfg.delta = deft["delta"]
+    if "counts_min" in deft or "counts_max" in deft:
+        cfg.counts_range = (deft.get("counts_min", cfg.counts_range[0]), deft.get("counts_max", cfg.counts_range[1]))
     if getattr(args, "threads", None):
         cfg.threads = int(args.threads)
     cfg.resume = args.resume or ""
@@ -157,7 +189,8 @@ def run_train(args) -> int:
               f"({summary['wall_time_s'] / 60:.1f} min total); checkpoint {summary['checkpoint']}; "
               f"prior {summary['export']}", flush=True)
         if summary["stopped"]:
-            print(f"resume with: petdiff train --resume {summary['out']}", flush=True)
+            cmd = "train-deft" if getattr(args, "config_class", "") == "DeftConfig" else "train"
+            print(f"resume with: petdiff {cmd} --resume {summary['out']}", flush=True)
     return 0
 
 
@@ -181,4 +214,10 @@ def run_priors(args) -> int:
             print("    MR-conditioned: needs an MR image on the PET grid (recon --mr FILE, or a simulated scan's MR)")
         if c.get("description"):
             print(f"    {c['description']}")
+    from .deft import list_deft
+
+    for c in list_deft():
+        base = c.get("base_prior", {}).get("name", "?")
+        print(f"{c['name']} (DEFT h-network for {base}, `--method deft`): {c.get('parameters', '?')} parameters, "
+              f"{c.get('steps', '?')} training steps, exported {c.get('date', '?')}")
     return 0

@@ -23,3 +23,8 @@ register(MethodSpec("ddip-hqs", run_ddip, DDIPParams,
 register(MethodSpec("lisch-scd", run_lisch_scd, LiSchSCDParams,
                     "PET-LiSch + steerable adaptation: LoRA fitted to the data while sampling (out-of-distribution "
                     "data)", family="diffusion", samples=True))
+from .deft import DEFTParams, run_deft  # noqa: E402
+
+register(MethodSpec("deft", run_deft, DEFTParams,
+                    "PET-DEFT: a supervised h-network added to the prior's epsilon reads the data (few steps)",
+                    family="diffusion", samples=True))
