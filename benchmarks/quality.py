@@ -194,6 +194,8 @@ def _figures(counts_list, best_imgs, bias_var):
     for n in names[1:]:
         pts = [bias_var[(c, n)] for c in counts_list]
         ax.plot([p[1] for p in pts], [p[0] for p in pts], "o-", label=n)
+    # log axes: one diverging method (DPS at high counts) must not squash the others into a corner
+    ax.set_xscale("log"); ax.set_yscale("log")
     ax.set_xlabel("normalised std over realisations"); ax.set_ylabel("normalised bias (RMS)")
     ax.legend(fontsize=8); ax.set_title("bias vs variance (points: count levels)")
     fig.tight_layout(); fig.savefig(FIG / "bias_variance.png", dpi=80); plt.close(fig)

@@ -169,3 +169,14 @@ def test_bad_deft_requests_get_clear_errors(deft_cfg, small_acq, use_file_prior)
         DeftTask(DeftConfig(prior="brain-fdg-mr-2d"), torch.device("cpu"))
     with pytest.raises(ValueError, match="DEFT data are 32x32"):
         DeftTask(DeftConfig(prior="brain-fdg-2d", data=tiny_data()), torch.device("cpu"))
+
+
+def test_shipped_deft_network_fits_the_shipped_prior(capsys):
+    from napari_petdiff.engine.diffusion import get_prior
+    from napari_petdiff.engine.diffusion.deft import DEFAULT_DEFT
+
+    h = load_deft(DEFAULT_DEFT, get_prior("brain-fdg-2d"))  # the sha256 of its prior must match
+    assert h.card["steps"] > 0 and h.card["base_prior"]["name"] == "brain-fdg-2d"
+    assert h.image_size == 128 and h.net.cond_channels == 2
+    assert cli.main(["priors"]) == 0
+    assert f"{DEFAULT_DEFT} (DEFT h-network for brain-fdg-2d" in capsys.readouterr().out
