@@ -279,12 +279,12 @@ def loss_figure(args) -> None:
         ax.text(float(at), ax.get_ylim()[1], f" {label}", fontsize=7, va="top")
     ax.set_xlabel("step (global batch 8)")
     ax.set_ylabel("epsilon MSE (unweighted)")
-    ax.set_title(f"brain-fdg-2d training loss ({wall[-1] / 3600:.2f} h wall)", fontsize=9)
+    ax.set_title(f"{args.prior} training loss ({wall[-1] / 3600:.2f} h wall)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
     FIG.mkdir(parents=True, exist_ok=True)
-    out = FIG / "prior_loss.png"
+    out = FIG / ("prior_loss.png" if args.prior == "brain-fdg-2d" else f"loss_{args.prior}.png")
     fig.savefig(out, dpi=90)
     print(f"wrote {out} ({out.stat().st_size // 1024} KB)")
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, write_section  # noqa: E402
+from _report import image_grid, machine, runtime_lines, write_section  # noqa: E402
 
 from napari_petdiff.engine import reconstruct  # noqa: E402
 from napari_petdiff.engine.metrics import background_cov, contrast_recovery, nrmse, psnr, ssim  # noqa: E402
@@ -149,11 +149,7 @@ def main():
         f = lambda k, p=3: f"{agg[k][0]:.{p}f} ± {agg[k][1]:.{p}f}"  # noqa: E731
         lines.append(f"| {counts:.0e} | {name} | {pname}={v:g} | {f('NRMSE')} | {f('PSNR', 2)} | {f('SSIM')} | "
                      f"{f('CRC hot', 2)} | {f('CRC cold', 2)} | {f('CoV')} |")
-    lines += ["", "Runtime per reconstruction (per posterior sample for diffusion methods), median over the run:", "",
-              "| method | seconds | ratio to OSEM |", "|---|---|---|"]
-    t_osem = float(np.median(timing["OSEM"]))
-    for name, ts in timing.items():
-        lines.append(f"| {name} | {np.median(ts):.2f} | {np.median(ts) / t_osem:.1f} |")
+    lines += runtime_lines(timing, "OSEM")
     md = "\n".join(lines)
     print(md)
     write_section("quality", "## Reconstruction quality (2-D)\n\n" + md +
@@ -168,28 +164,7 @@ def _figures(counts_list, best_imgs, bias_var):
 
     names = ["truth", "OSEM", "MAP-RDP", "PET-DDS", "PET-LiSch", "DPS"]
     names += ["PET-LiSch + MR"] if has_mr_prior() else []
-    fig, axes = plt.subplots(len(counts_list), len(names) + 1, figsize=(2.0 * (len(names) + 1), 2.1 * len(counts_list)))
-    axes = np.atleast_2d(axes)
-    for i, c in enumerate(counts_list):
-        vmax = float(best_imgs[(c, "truth")][0].max()) * 1.1
-        for j, n in enumerate(names):
-            ax = axes[i, j]
-            ax.imshow(best_imgs[(c, n)][0], cmap="gray_r", vmin=0, vmax=vmax)
-            ax.set_xticks([]); ax.set_yticks([])
-            if i == 0:
-                ax.set_title(n, fontsize=9)
-            if j == 0:
-                ax.set_ylabel(f"{c:.0e} trues", fontsize=9)
-        std = best_imgs[(c, "PET-LiSch")][1]
-        ax = axes[i, -1]
-        if std is not None:
-            ax.imshow(std, cmap="magma")
-        ax.set_xticks([]); ax.set_yticks([])
-        if i == 0:
-            ax.set_title("LiSch posterior std", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(FIG / "quality_grid.png", dpi=80)
-    plt.close(fig)
+    image_grid(plt, counts_list, names, best_imgs, "PET-LiSch", FIG / "quality_grid.png")
     fig, ax = plt.subplots(figsize=(5, 4))
     for n in names[1:]:
         pts = [bias_var[(c, n)] for c in counts_list]

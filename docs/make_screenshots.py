@@ -154,20 +154,32 @@ def patlak_shot() -> None:
     viewer.close()
 
 
-def ood_shot() -> None:
-    """MR-guided DDIP-HQS (the MR-conditioned prior reads the sample's MR) with its posterior std."""
+def posterior_shot(method: str, values: dict, shown: tuple, name: str, timeout: float = 600.0) -> None:
+    """Run a posterior-sampling method on the sample scan; show ``shown`` layers side by side (grid)."""
     viewer = new_viewer()
     _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Reconstruction")
-    w.set_method("ddip-hqs")
-    w.form.set_values({"prior": "brain-fdg-mr-2d", "steps": 25, "samples": 2, "batch": 2, "rho": 0.3})
-    run_and_wait(w, "the DDIP-HQS run", timeout=900)
+    w.set_method(method)
+    w.form.set_values(values)
+    run_and_wait(w, f"the {method} run", timeout=timeout)
     for lay in viewer.layers:
-        lay.visible = lay.name in ("brain2d mr", "ddip-hqs mean", "ddip-hqs std")
-    viewer.layers.selection.active = viewer.layers["ddip-hqs mean"]
+        lay.visible = lay.name in shown
+    viewer.layers.selection.active = viewer.layers[f"{method} mean"]
     viewer.grid.enabled = True
     viewer.reset_view()
-    shoot(viewer, "ddip-mr")
+    shoot(viewer, name)
     viewer.close()
+
+
+def ood_shot() -> None:
+    """MR-guided DDIP-HQS (the MR-conditioned prior reads the sample's MR) with its posterior std."""
+    posterior_shot("ddip-hqs", {"prior": "brain-fdg-mr-2d", "steps": 25, "samples": 2, "batch": 2, "rho": 0.3},
+                   ("brain2d mr", "ddip-hqs mean", "ddip-hqs std"), "ddip-mr", timeout=900)
+
+
+def deft_shot() -> None:
+    """PET-DEFT on the sample scan: posterior mean and std of 8 samples in 20 steps."""
+    posterior_shot("deft", {"steps": 20, "samples": 8, "batch": 8}, ("brain2d truth", "deft mean", "deft std"),
+                   "deft")
 
 
 def main() -> int:
@@ -175,7 +187,8 @@ def main() -> int:
     from qtpy.QtWidgets import QApplication  # noqa: F401 - napari.Viewer creates the app
 
     shots = {"reconstruction": reconstruction_shot, "comparison": comparison_shot, "data": data_shot,
-             "patlak": patlak_shot, "ddip-mr": ood_shot}
+             "patlak": patlak_shot, "ddip-mr": ood_shot,
+             "deft": deft_shot}
     for name in sys.argv[1:] or list(shots):
         shots[name]()
     return 0

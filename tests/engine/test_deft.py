@@ -180,3 +180,25 @@ def test_shipped_deft_network_fits_the_shipped_prior(capsys):
     assert h.image_size == 128 and h.net.cond_channels == 2
     assert cli.main(["priors"]) == 0
     assert f"{DEFAULT_DEFT} (DEFT h-network for brain-fdg-2d" in capsys.readouterr().out
+
+
+def test_deft_on_a_volume_runs_axially_with_the_3d_likelihood(tmp_path, deft_cfg, use_file_prior):
+    from napari_petdiff.engine.diffusion.unet import UNet
+    from napari_petdiff.engine.grid import ImageGrid
+    from napari_petdiff.engine.samples import geometry_for
+    from napari_petdiff.engine.simulate import simulate
+    from tests.conftest import blob_image
+
+    grid = ImageGrid((3, 32, 32), (2.0, 2.0, 2.0))
+    img = blob_image(32, nz=3)
+    sim = simulate(img, grid, geometry_for(grid), (img > 0) * 0.0096, counts=3e4, seed=2)
+    torch.manual_seed(1)
+    net = UNet(**deft_cfg.arch())
+    torch.nn.init.normal_(net.out.weight, std=1e-3)  # a non-zero h, so the 3-D path is exercised
+    h_path = DeftTask(deft_cfg, torch.device("cpu")).export(dict(net.state_dict()), 1, 0.0, 0.0, 1)
+    kw = dict(prior=use_file_prior, network=str(h_path), steps=3, samples=2, batch=2)
+    res = drive(run_deft(sim.acquisition, make_params(DEFTParams, kw), CancelToken()))
+    assert res.mean.shape == (3, 32, 32) and res.samples.shape == (2, 3, 32, 32)
+    assert float(res.samples.min()) >= 0 and torch.isfinite(res.samples).all()
+    with pytest.raises(ValueError, match="trained on axial slices"):
+        drive(run_deft(sim.acquisition, make_params(DEFTParams, dict(kw, orientation="all")), CancelToken()))
