@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import re
 import sys
 import time
@@ -182,7 +183,7 @@ def bench(args) -> None:
         f"{fmt_q(st_t['area'], 0)} |",
         "",
         f"Sampling time, 50 DDIM steps at {prior.image_size}x{prior.image_size}, {args.threads} thread(s), "
-        f"machine shared with training: {t_single:.1f} s per image at batch 1, {t_batch:.1f} s per image at batch 8.",
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: {t_single:.1f} s per image at batch 1, {t_batch:.1f} s per image at batch 8.",
         end,
     ]
     write_section("\n".join(lines), start, end)

@@ -164,7 +164,9 @@ def posterior_shot(method: str, values: dict, shown: tuple, name: str, timeout: 
     for lay in viewer.layers:
         lay.visible = lay.name in shown
     viewer.layers.selection.active = viewer.layers[f"{method} mean"]
-    viewer.grid.enabled = True
+    from napari_petdiff._widgets.comparison import grid_of
+
+    grid_of(viewer).enabled = True
     viewer.reset_view()
     shoot(viewer, name)
     viewer.close()
