@@ -165,6 +165,8 @@ def test_bad_deft_requests_get_clear_errors(deft_cfg, small_acq, use_file_prior)
                                                                         "network": str(h_path)}), CancelToken()))
     with pytest.raises(ValueError, match="counts_range"):
         DeftConfig(counts_range=(0, 10)).validate()
+    with pytest.raises(ValueError, match="cond_channels does not apply"):
+        DeftConfig(cond_channels=1).validate()
     with pytest.raises(ValueError, match="MR-conditioned"):
         DeftTask(DeftConfig(prior="brain-fdg-mr-2d"), torch.device("cpu"))
     with pytest.raises(ValueError, match="DEFT data are 32x32"):

@@ -92,6 +92,8 @@ class DeftConfig(TrainConfig):
             raise ValueError(f"delta must be >= 0 and guidance_clip > 0; got {self.delta}, {self.guidance_clip}")
         if self.init_from:
             raise ValueError("DEFT's h-network always starts at zero output; init_from does not apply")
+        if self.cond_channels:
+            raise ValueError("DEFT's h-network has fixed extra inputs (x0, g); cond_channels does not apply")
         if self.data.orientation_probs[0] <= 0:
             raise ValueError("DEFT trains on axial slices: data.orientation_probs must give xy a positive weight")
         self.data.with_mr = False
