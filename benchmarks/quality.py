@@ -1,4 +1,4 @@
-"""Reconstruction quality: OSEM, MAP-RDP, PET-DDS, PET-LiSch and DPS on the same 2-D data.
+"""Reconstruction quality: OSEM, MAP-RDP, PET-DDS, PET-LiSch, DPS and PET-DEFT on the same 2-D data.
 
 Test slices: FDG brain phantoms with a hot and a cold lesion, deformation seeds >= 900000
 (the prior's training stream never uses `deformation_seed`; it draws its own random fields).
@@ -39,7 +39,10 @@ def methods_and_sweeps(counts: float, quick: bool, steps: int = 25):
                     dict(epochs=20, subsets=8)),
         "PET-DDS": ("dds", "anchor", [0.3, 1.0] if quick else [0.3, 1.0, 3.0], dict(dc_iterations=3, **diff)),
         "PET-LiSch": ("lisch", "target_iteration", [4.0, 8.0] if quick else [4.0, 8.0, 16.0, 32.0, 64.0], diff),
-        "DPS": ("dps", "zeta", [1.0] if quick else [0.3, 1.0], dict(steps=2 * steps, samples=2, batch=2)),
+        # DPS's step grows with the counts (gradient of sqrt(deviance)): 0.3 diverged at 1e6 trues
+        "DPS": ("dps", "zeta", [0.3] if quick else [0.03, 0.1, 0.3], dict(steps=2 * steps, samples=2, batch=2)),
+        **({"PET-DEFT": ("deft", "steps", [20] if quick else [10, 20], dict(samples=4, batch=4))}
+           if has_deft() else {}),
         # the MR-guided prior reads the phantom's T1 that the simulated acquisition carries
         **({"PET-LiSch + MR": ("lisch", "target_iteration", [8.0] if quick else [4.0, 8.0, 16.0, 32.0],
                                dict(diff, prior=MR_PRIOR))} if has_mr_prior() else {}),
@@ -53,6 +56,12 @@ def has_mr_prior() -> bool:
     from napari_petdiff.engine.diffusion.io import list_priors
 
     return any(c.get("name") == MR_PRIOR for c in list_priors())
+
+
+def has_deft() -> bool:
+    from napari_petdiff.engine.diffusion.deft import DEFAULT_DEFT, list_deft
+
+    return any(c.get("name") == DEFAULT_DEFT for c in list_deft())
 
 
 def evaluate(img, truth, mask, les_hot, les_cold, wm_bg):
@@ -141,8 +150,8 @@ def main():
              "job). 2-D FDG brain slice (128x128, 2 mm) with a hot and a cold "
              f"lesion, held-out deformation seed {args.subject_seed}, background fraction 0.3, "
              f"{args.realisations} noise realisations per count level; mean ± std over realisations at the "
-             f"sweep-best parameter (oracle by NRMSE). Diffusion methods: {args.steps} DDIM steps (DPS {2 * args.steps}), "
-             "the mean of 4 posterior samples (DPS 2).", "",
+             f"sweep-best parameter (oracle by NRMSE). Diffusion methods: {args.steps} DDIM steps (DPS {2 * args.steps}; "
+             "PET-DEFT's step count is its swept parameter), the mean of 4 posterior samples (DPS 2).", "",
              "| trues | method | best parameter | NRMSE | PSNR (dB) | SSIM | CRC hot | CRC cold | WM CoV |",
              "|---|---|---|---|---|---|---|---|---|"]
     for counts, name, pname, v, agg in table:
@@ -163,7 +172,7 @@ def _figures(counts_list, best_imgs, bias_var):
     import matplotlib.pyplot as plt
 
     names = ["truth", "OSEM", "MAP-RDP", "PET-DDS", "PET-LiSch", "DPS"]
-    names += ["PET-LiSch + MR"] if has_mr_prior() else []
+    names += (["PET-DEFT"] if has_deft() else []) + (["PET-LiSch + MR"] if has_mr_prior() else [])
     image_grid(plt, counts_list, names, best_imgs, "PET-LiSch", FIG / "quality_grid.png")
     fig, ax = plt.subplots(figsize=(5, 4))
     for n in names[1:]:
@@ -171,6 +180,8 @@ def _figures(counts_list, best_imgs, bias_var):
         ax.plot([p[1] for p in pts], [p[0] for p in pts], "o-", label=n)
     # log axes: one diverging method (DPS at high counts) must not squash the others into a corner
     ax.set_xscale("log"); ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter()); ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("normalised std over realisations"); ax.set_ylabel("normalised bias (RMS)")
     ax.legend(fontsize=8); ax.set_title("bias vs variance (points: count levels)")
     fig.tight_layout(); fig.savefig(FIG / "bias_variance.png", dpi=80); plt.close(fig)
