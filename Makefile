@@ -40,7 +40,10 @@ bench: install
 bench-diffusion: install
 	$(PY) benchmarks/prior.py bench
 	$(PY) benchmarks/prior.py samples
+	$(PY) benchmarks/prior.py bench --prior brain-fdg-mr-2d
+	$(PY) benchmarks/prior.py samples --prior brain-fdg-mr-2d
 	$(PY) benchmarks/quality.py --realisations 5 --jobs 2
+	$(PY) benchmarks/deft.py --realisations 3 --jobs 2
 	$(PY) benchmarks/ood.py --case amyloid --jobs 2
 	$(PY) benchmarks/ood.py --case ring --jobs 2
 	$(PY) benchmarks/recon3d.py --steps 10

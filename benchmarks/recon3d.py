@@ -52,6 +52,7 @@ def main():
         (f"PET-LiSch + SCD (LoRA, 4 slices per Adam step), {s} steps", "lisch-scd",
          dict(steps=s, target_iteration=10.0, adapt_every=2)),
         (f"DDIP-HQS (LoRA, 4 slices per Adam step), {s} steps", "ddip-hqs", dict(steps=s)),
+        (f"PET-DEFT (h-network, axial; 3-D likelihood), {s} steps", "deft", dict(steps=s)),
     ]
     rows = []
     for label, method, kw in runs:
