@@ -6,10 +6,11 @@ Cases (2-D, 128x128 at 2 mm, held-out deformation seed):
 
 Methods, each at its sweep-best parameter by NRMSE (oracle, as in quality.py): OSEM, MAP-RDP,
 PET-LiSch, PET-LiSch + SCD (LoRA adapted while sampling), DDIP-HQS (LoRA) with the FDG prior and,
-when shipped, with the MR-conditioned prior (the phantom's T1 as its input). Reported: NRMSE,
-SSIM, GM/WM contrast error (relative), and the hallucination measures: for the amyloid case the
-reconstructed GM/WM ratio itself (FDG-like contrast where the truth has none), for the ring the
-ring's contrast recovery (does the prior erase a structure it never saw?).
+when shipped, with the MR-conditioned prior (the phantom's T1 as its input), and PET-DEFT
+(supervised on FDG: does it carry FDG structure over?). Reported: NRMSE, SSIM, GM/WM contrast
+error (relative), and the hallucination measures: for the amyloid case the reconstructed GM/WM
+ratio itself (FDG-like contrast where the truth has none), for the ring the ring's contrast recovery
+(does the prior erase a structure it never saw?).
 
 Usage: python benchmarks/ood.py --case amyloid|ring [--realisations 3] [--counts 5e4 3e5] [--steps 25]
 Each case writes its own section of docs/benchmarks.md (so the two can run in parallel) and a figure.
@@ -67,6 +68,8 @@ def sweeps(steps: int, quick: bool):
         "DDIP-HQS": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3], diff),
         **({"DDIP-HQS + MR": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3], dict(diff, prior=MR_PRIOR))}
            if has_mr_prior() else {}),
+        # supervised on FDG: does it carry FDG structure into data it was not trained for?
+        **({"PET-DEFT": ("deft", "steps", [20], dict(samples=1))} if has_deft() else {}),
     }
 
 
@@ -74,6 +77,12 @@ def has_mr_prior() -> bool:
     from napari_petdiff.engine.diffusion.io import list_priors
 
     return any(c.get("name") == MR_PRIOR for c in list_priors())
+
+
+def has_deft() -> bool:
+    from quality import has_deft as shipped
+
+    return shipped()
 
 
 def scores(x, truth, ph, rois):
@@ -187,7 +196,7 @@ def figure(args, shown):
     import matplotlib.pyplot as plt
 
     names = ["truth", "OSEM", "MAP-RDP", "PET-LiSch", "LiSch+SCD", "DDIP-HQS"] + \
-        (["DDIP-HQS + MR"] if has_mr_prior() else [])
+        (["DDIP-HQS + MR"] if has_mr_prior() else []) + (["PET-DEFT"] if has_deft() else [])
     fig, axes = plt.subplots(len(args.counts), len(names), figsize=(2.0 * len(names), 2.1 * len(args.counts)))
     axes = np.atleast_2d(axes)
     for i, c in enumerate(args.counts):
