@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..diffusion.deft import DEFAULT_DEFT, guidance_image, h_volume, load_deft
 from ..params import param
 from .core import SamplingParams, check_samples, get_prior, run_sampler
@@ -35,8 +37,6 @@ def _h_network(params: DEFTParams, prior, device):
 
 
 def run_deft(acq, params: DEFTParams, cancel, device=None):
-    import torch
-
     check_samples(params)
     if not acq.grid.is_2d and params.orientation != "xy":
         raise ValueError("DEFT's h-network was trained on axial slices: use orientation 'xy' "
