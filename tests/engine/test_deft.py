@@ -209,22 +209,15 @@ def test_deft_on_a_volume_runs_axially_with_the_3d_likelihood(tmp_path, deft_cfg
 def test_train_deft_under_torchrun_equals_one_process(tmp_path, prior_file):
     """Two DDP processes splitting one global batch take the step one process takes (the
     per-slice count levels and Poisson seeds are drawn for the whole batch)."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
+
+    from tests.engine._ddp import torchrun_cli
 
     flags = ["train-deft", "--prior", prior_file, "--source", "synthetic", "--image-size", "32", "--batch-size", "4",
              "--steps", "2", "--base-channels", "8", "--channel-mult", "1,2", "--attention", "", "--workers", "0",
              "--slices-per-volume", "4", "--volumes-per-group", "2", "--data-sharding", "global", "--warmup", "1",
              "--counts-min", "1e4", "--counts-max", "1e5", "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "napari_petdiff.cli", "--threads", "2", *flags, "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=240)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    torchrun_cli([*flags, "--out", str(tmp_path / "ddp")])
     assert cli.main(["--threads", "1", *flags, "--out", str(tmp_path / "one")]) == 0
     la = (tmp_path / "ddp" / "loss.csv").read_text().splitlines()[1:]
     lb = (tmp_path / "one" / "loss.csv").read_text().splitlines()[1:]

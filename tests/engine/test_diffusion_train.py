@@ -2,8 +2,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from napari_petdiff.engine.diffusion.io import list_priors, load_prior
 from napari_petdiff.engine.diffusion.train import TrainConfig, train
 from napari_petdiff.engine.diffusion.unet import UNet
 from napari_petdiff.engine.run import Cancelled, CancelToken
+from tests.engine._ddp import torchrun_cli
 
 SMALL = dict(base_channels=8, channel_mult=(1, 2), attention_resolutions=(), warmup_steps=1, bf16=False,
              threads=1, export_minutes=1e9, checkpoint_minutes=1e9)
@@ -173,12 +172,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
              "--base-channels", "8", "--channel-mult", "1,2", "--attention", "", "--no-bf16", "--warmup", "1",
              "--slices-per-volume", "4", "--volumes-per-group", "2", "--workers", "0",
              "--data-sharding", "global", "--quiet", "--lr", "1e-3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "napari_petdiff.cli", "--threads", "2", *flags, "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=240)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    torchrun_cli([*flags, "--out", str(tmp_path / "ddp")])
     assert cli.main(["--threads", "1", *flags, "--out", str(tmp_path / "one")]) == 0
     torch.manual_seed(0)
     w0 = UNet(base_channels=8, channel_mult=(1, 2), attention_resolutions=(), image_size=16).state_dict()
