@@ -202,6 +202,8 @@ def test_deft_on_a_volume_runs_axially_with_the_3d_likelihood(tmp_path, deft_cfg
     res = drive(run_deft(sim.acquisition, make_params(DEFTParams, kw), CancelToken()))
     assert res.mean.shape == (3, 32, 32) and res.samples.shape == (2, 3, 32, 32)
     assert float(res.samples.min()) >= 0 and torch.isfinite(res.samples).all()
+    with pytest.raises(ValueError, match="trained with scale_threshold 0.05"):
+        drive(run_deft(sim.acquisition, make_params(DEFTParams, dict(kw, scale_threshold=0.2)), CancelToken()))
     with pytest.raises(ValueError, match="trained on axial slices"):
         drive(run_deft(sim.acquisition, make_params(DEFTParams, dict(kw, orientation="all")), CancelToken()))
 

@@ -49,6 +49,11 @@ def run_deft(acq, params: DEFTParams, cancel, device=None):
                          f"{prior.name!r} for {prior.image_size}")
     card = h.card.get("deft", {})
     delta, clip = float(card.get("delta", 0.01)), float(card.get("guidance_clip", 10.0))
+    trained = float(card.get("scale_threshold", params.scale_threshold))
+    if abs(params.scale_threshold - trained) > 1e-9:
+        # c sets the units of x0 and g: another support threshold feeds h inputs it never saw
+        raise ValueError(f"DEFT network {params.network!r} was trained with scale_threshold {trained:g}; "
+                         f"got {params.scale_threshold:g}: leave it at {trained:g}")
 
     def predict(x_t, state):
         eps0 = state.eps_of(prior, x_t)
