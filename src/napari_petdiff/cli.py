@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "napari_petdiff._cli.recon",
     "napari_petdiff.engine.diffusion.train_cli",
     "napari_petdiff._cli.patlak",
+    "napari_petdiff._cli.personal",
 ]
 
 

@@ -52,6 +52,19 @@ class ImageGrid:
             and np.allclose(self.origin, other.origin, atol=atol)
         )
 
+    def contains(self, other: "ImageGrid", atol: float = 1e-3) -> bool:
+        """Whether every voxel of ``other`` is a voxel of this grid: same in-plane grid and voxel size,
+        slices on this grid's slice positions (a 2-D slice only needs its z on one of them)."""
+        if other.shape[1:] != self.shape[1:] or not np.allclose(self.voxel_size[1:], other.voxel_size[1:], atol=atol) \
+                or not np.allclose(self.origin[1:], other.origin[1:], atol=atol):
+            return False
+        if not other.is_2d and abs(other.voxel_size[0] - self.voxel_size[0]) > atol:
+            return False
+        k0 = (other.origin[0] - self.origin[0]) / self.voxel_size[0]
+        if abs(k0 - round(k0)) * self.voxel_size[0] > atol:
+            return False
+        return 0 <= round(k0) and round(k0) + other.shape[0] <= self.shape[0]
+
     def describe(self) -> str:
         return (f"shape {self.shape} (z, y, x), voxel {tuple(round(v, 3) for v in self.voxel_size)} mm, "
                 f"origin {tuple(round(o, 3) for o in self.origin)} mm")

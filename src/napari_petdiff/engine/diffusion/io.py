@@ -149,6 +149,13 @@ def _resolve(name_or_path, models_dir=None) -> tuple[Path, Path]:
     return w, c
 
 
+def prior_stamp(name_or_path, models_dir=None) -> tuple:
+    """(weights path, size, mtime, card mtime): changes whenever either file is rewritten."""
+    w, c = _resolve(name_or_path, models_dir)
+    sw, sc = w.stat(), c.stat()
+    return str(w.resolve()), sw.st_size, sw.st_mtime_ns, sc.st_mtime_ns
+
+
 def load_prior(name_or_path, device=None, models_dir=None, bf16: bool = False) -> ScorePrior:
     """Load a shipped prior by name or a saved one by path; verifies sha256, keys and shapes."""
     wpath, cpath = _resolve(name_or_path, models_dir)

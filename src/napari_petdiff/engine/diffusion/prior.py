@@ -175,6 +175,17 @@ class ScorePrior:
             if any(abs(vv - self.voxel_size_mm) > rtol * self.voxel_size_mm for vv in vox):
                 problems.append(f"{o} voxel size is {vox[0]:g} x {vox[1]:g} mm but the prior was trained at "
                                 f"{self.voxel_size_mm:g} mm")
+        pers = (getattr(self, "card", None) or {}).get("personalised")
+        if pers and "target_grid" in pers:
+            from ..grid import ImageGrid
+
+            target = ImageGrid.from_dict(pers["target_grid"])
+            if not target.contains(grid):
+                raise ValueError(
+                    f"prior {self.name!r} was personalised for the subject whose MR is on grid {target.describe()}; "
+                    f"this image grid ({grid.describe()}) is not part of it, so it is probably another subject or "
+                    "space. Reconstruct on the MR's grid (or a slice of it), or personalise a prior for this "
+                    "acquisition's MR (petdiff personalise --acq ...).")
         if problems:
             raise ValueError(
                 f"image grid {grid.describe()} does not fit prior {self.name!r} "

@@ -82,6 +82,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     export_to: str = ""                 # stem of the exported prior ("": <out>/<name>)
     export_minutes: float = 10.0
+    card_extra: dict = field(default_factory=dict)  # more model-card fields (e.g. a personalised prior's target)
     resume: str = ""                    # a run directory or one of its checkpoints
 
     def to_dict(self) -> dict:
@@ -315,6 +316,7 @@ def export_ema(cfg: TrainConfig, ema: dict, step: int, wall_s: float, loss_recen
                             "slices axial/coronal/sagittal with orientation_probs, zero-padded to image_size",
         },
     }
+    extra.update(cfg.card_extra)
     return save_prior(prior, stem, extra)
 
 

@@ -34,7 +34,7 @@ def _prepared_source(src) -> tuple[torch.Tensor, ...]:
     return _prepared[key]
 
 
-def _random_lesions(rng: np.random.Generator, grid, parenchyma: np.ndarray, voxel: float) -> list[Lesion]:
+def random_lesions(rng: np.random.Generator, grid, parenchyma: np.ndarray, voxel: float) -> list[Lesion]:
     idx = np.flatnonzero(parenchyma)
     if idx.size == 0:
         return []
@@ -97,7 +97,7 @@ def random_training_volume(rng: np.random.Generator, shape=(64, 128, 128), voxel
     if rng.random() < lesion_prob:
         brain_mask = bfrac > 0.5
         # lesion centres in GM or WM, not in ventricles
-        lesions = _random_lesions(rng, grid, brain_mask & (act > 0.8 * TRACERS["fdg"]["wm"]), min(grid.voxel_size))
+        lesions = random_lesions(rng, grid, brain_mask & (act > 0.8 * TRACERS["fdg"]["wm"]), min(grid.voxel_size))
         act, _ = paint_lesions(act, brain_mask, lesions, grid, ratio * TRACERS["fdg"]["wm"], TRACERS["fdg"]["wm"],
                                require_inside=False)
     if with_mr:

@@ -42,9 +42,10 @@ _PRIOR_CACHE: dict = {}
 
 
 def get_prior(name: str, device):
-    from ..diffusion.io import load_prior
+    from ..diffusion.io import load_prior, prior_stamp
 
-    key = (name, str(device))
+    # keyed by the files' identity, not the name: a prior re-exported (or damaged) at the same path is re-read
+    key = (prior_stamp(name), str(device))
     if key not in _PRIOR_CACHE:
         if len(_PRIOR_CACHE) > 4:
             _PRIOR_CACHE.clear()
