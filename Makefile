@@ -47,6 +47,9 @@ bench-diffusion: install
 	$(PY) benchmarks/ood.py --case amyloid --jobs 2
 	$(PY) benchmarks/ood.py --case ring --jobs 2
 	$(PY) benchmarks/recon3d.py --steps 10
+	$(PY) benchmarks/personalised.py registration
+	$(PY) benchmarks/personalised.py build
+	$(PY) benchmarks/personalised.py bench --realisations 3 --jobs 2
 
 screenshots: install
 	xvfb-run -a -s "-screen 0 1600x1000x24" $(PY) docs/make_screenshots.py

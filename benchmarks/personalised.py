@@ -34,6 +34,8 @@ TARGET_SEED, TARGET_STRENGTH_MM = 900101, 6.0
 SLAB = (25, 128, 128)
 CENTRE = 12  # slab slice at world z = 0 (both lesions are centred there)
 WORK = ROOT / "training" / "personalised-bench"
+# the ablation: pseudo-PETs without added lesions (build --lesion-prob 0 --work <this>)
+WORK_NO_LESIONS = ROOT / "training" / "personalised-bench-nolesions"
 
 
 def target():
@@ -52,7 +54,7 @@ def config(args):
 
     return PersonaliseConfig(out=str(args.work), name="personalised-bench", sources=f"phantom:{args.sources}",
                              n_pseudo=args.pseudo, subset_size=args.subset, steps=args.steps, lr=args.lr,
-                             threads=args.threads)
+                             lesion_prob=args.lesion_prob, threads=args.threads)
 
 
 # --- registration ----------------------------------------------------------------------------------
@@ -118,17 +120,26 @@ def run_build(args):
         print(stop.value)
 
 # --- reconstruction benchmark ---------------------------------------------------------------------
-def sweeps(steps: int, quick: bool, personal: str):
+def sweeps(steps: int, quick: bool, priors: dict):
+    """``priors``: label -> prior (name or path); every diffusion method runs with each."""
     diff = dict(steps=steps, samples=4, batch=4)
     dds = [1.0] if quick else [0.3, 1.0, 3.0]
     lisch = [8.0] if quick else [4.0, 8.0, 16.0, 32.0]
-    return {
-        "MAP-RDP": ("map-rdp", "beta", [3.0, 10.0] if quick else [1.0, 3.0, 10.0, 30.0], dict(epochs=20, subsets=8)),
-        "PET-DDS generic": ("dds", "anchor", dds, dict(dc_iterations=3, **diff)),
-        "PET-DDS personalised": ("dds", "anchor", dds, dict(dc_iterations=3, prior=personal, **diff)),
-        "PET-LiSch generic": ("lisch", "target_iteration", lisch, diff),
-        "PET-LiSch personalised": ("lisch", "target_iteration", lisch, dict(diff, prior=personal)),
-    }
+    out = {"MAP-RDP": ("map-rdp", "beta", [3.0, 10.0] if quick else [1.0, 3.0, 10.0, 30.0],
+                       dict(epochs=20, subsets=8))}
+    for method, name, pname, values, extra in (("dds", "PET-DDS", "anchor", dds, dict(dc_iterations=3)),
+                                                ("lisch", "PET-LiSch", "target_iteration", lisch, {})):
+        for label, prior in priors.items():
+            out[f"{name} {label}"] = (method, pname, values, dict(diff, prior=prior, **extra))
+    return out
+
+
+def bench_priors(args) -> dict:
+    priors = {"generic": "brain-fdg-2d", "personalised": str(Path(args.work) / "personalised-bench.safetensors")}
+    ablation = WORK_NO_LESIONS / "personalised-bench.safetensors"
+    if ablation.exists():
+        priors["personalised, no lesions added"] = str(ablation)
+    return priors
 
 
 def rois(ph):
@@ -156,7 +167,7 @@ def one_realisation(task):
     from napari_petdiff.engine.samples import geometry_for
     from napari_petdiff.engine.simulate import simulate
 
-    counts, r, steps, quick, personal = task
+    counts, r, steps, quick, priors = task
     torch.set_num_threads(1)
     ph = target()
     g2 = slice_grid(ph.grid)
@@ -165,7 +176,7 @@ def one_realisation(task):
     truth = sim.truth[0].numpy()
     m = rois(ph)
     res, imgs, times = {}, {}, {}
-    for name, (method, pname, values, fixed) in sweeps(steps, quick, personal).items():
+    for name, (method, pname, values, fixed) in sweeps(steps, quick, priors).items():
         for v in values:
             t0 = time.perf_counter()
             out = reconstruct(sim.acquisition, method, **{pname: v}, **fixed)
@@ -198,9 +209,9 @@ def pseudo_quality(args) -> list[str]:
 def run_bench(args):
     from napari_petdiff.engine.diffusion.io import load_prior
 
-    personal = str(Path(args.work) / "personalised-bench.safetensors")
-    card = load_prior(personal).card  # fails early (with the reason) when the build has not run
-    tasks = [(c, r, args.diffusion_steps, args.quick, personal) for c in args.counts for r in range(args.realisations)]
+    priors = bench_priors(args)
+    card = load_prior(priors["personalised"]).card  # fails early (with the reason) when the build has not run
+    tasks = [(c, r, args.diffusion_steps, args.quick, priors) for c in args.counts for r in range(args.realisations)]
     if args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -209,7 +220,7 @@ def run_bench(args):
             done = list(pool.map(one_realisation, tasks))
     else:
         done = [one_realisation(t) for t in tasks]
-    sw = sweeps(args.diffusion_steps, args.quick, personal)
+    sw = sweeps(args.diffusion_steps, args.quick, priors)
     keys = ["NRMSE", "SSIM", "CRC hot", "CRC cold", "GM/WM CR", "WM CoV"]
     lines = ["### Personalised prior against the generic prior on one target subject", "",
              f"{machine()}. Command: `python benchmarks/personalised.py bench --realisations {args.realisations} "
@@ -217,8 +228,9 @@ def run_bench(args):
              f"brain-fdg-2d fine-tuned for {card.get('steps')} steps ({card.get('wall_time_s', 0) / 60:.0f} min) on "
              f"{card['personalised']['n_pseudo']} pseudo-PETs (Dirichlet alpha {card['personalised']['alpha']:g}, "
              f"subsets of {card['personalised']['subset_size']} of {len(card['personalised']['sources'])} sources, "
-             f"{card['personalised']['registration']['method']} registration); built with `python "
-             f"benchmarks/personalised.py build`. Target: central slice of the slab, background fraction 0.3, "
+             f"{card['personalised']['registration']['method']} registration, random lesions added to "
+             f"{card['personalised'].get('lesion_prob', 0):.0%} of them); built with `python benchmarks/personalised.py "
+             f"build`{'; the ablation without added lesions with `build --lesion-prob 0 --work ' + str(WORK_NO_LESIONS.relative_to(ROOT)) + '`' if len(priors) > 2 else ''}. Target: central slice of the slab, background fraction 0.3, "
              f"{args.realisations} noise realisations; mean ± std at the sweep-best parameter (by NRMSE); diffusion "
              f"methods: mean of 4 posterior samples, {args.diffusion_steps} DDIM steps. CRC: lesion contrast "
              "recovery against lesion-free WM; GM/WM CR: (GM/WM - 1) recovered relative to the truth's; WM CoV: "
@@ -258,12 +270,12 @@ def figures(args, sw, shown, curves):
 
     names = ["truth"] + list(sw)
     image_grid(plt, args.counts, names, shown, "PET-LiSch personalised", FIG / "personalised.png",
-               titles={n: n.replace(" personalised", "\npersonalised").replace(" generic", "\ngeneric") for n in names})
+               titles={n: n.replace(" ", "\n", 1).replace(", ", ",\n") for n in names})
     fig, axes = plt.subplots(1, 2 * len(args.counts), figsize=(4.2 * 2 * len(args.counts), 3.6))
     for i, c in enumerate(args.counts):
         for name in sw:
             pts = np.array(curves[(c, name)])
-            style = "--" if "generic" in name else "-"
+            style = "--" if "generic" in name else (":" if "no lesions" in name else "-")
             axes[2 * i].plot(pts[:, 0], pts[:, 1], style, marker="o", label=name)
             axes[2 * i + 1].plot(pts[:, 0], pts[:, 2], style, marker="o", label=name)
         axes[2 * i].set(xlabel="WM CoV (noise)", ylabel="GM/WM contrast recovery", title=f"{c:.0e} trues")
@@ -287,6 +299,7 @@ def main():
         p.add_argument("--subset", type=int, default=4)
         p.add_argument("--steps", type=int, default=800)
         p.add_argument("--lr", type=float, default=1e-4)
+        p.add_argument("--lesion-prob", type=float, default=0.5)
     b = sub.choices["bench"]
     b.add_argument("--realisations", type=int, default=3)
     b.add_argument("--counts", type=float, nargs="+", default=[3e4, 1e5])

@@ -184,13 +184,34 @@ def deft_shot() -> None:
                    "deft")
 
 
+def personalise_shot() -> None:
+    """Personalise widget on the sample scan: 8 built-in sources registered to its MR, then pseudo-PETs."""
+    import tempfile
+
+    viewer = new_viewer()
+    _, w = viewer.window.add_plugin_dock_widget("napari-petdiff", "Personalise")
+    w.out.setText(tempfile.mkdtemp(prefix="petdiff-personalise-"))
+    for stage in ("register only", "pseudo-PETs only"):
+        w.stage_box.setCurrentText(stage)
+        run_and_wait(w, f"personalise ({stage})", timeout=600)
+    shown = ("brain2d mr", "brain2d truth", "personalise: warped source PETs", "personalise: pseudo-PETs")
+    for lay in viewer.layers:
+        lay.visible = lay.name in shown
+    from napari_petdiff._widgets.comparison import grid_of
+
+    grid_of(viewer).enabled = True
+    viewer.reset_view()
+    shoot(viewer, "personalise")
+    viewer.close()
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     from qtpy.QtWidgets import QApplication  # noqa: F401 - napari.Viewer creates the app
 
     shots = {"reconstruction": reconstruction_shot, "comparison": comparison_shot, "data": data_shot,
              "patlak": patlak_shot, "ddip-mr": ood_shot,
-             "deft": deft_shot}
+             "deft": deft_shot, "personalise": personalise_shot}
     for name in sys.argv[1:] or list(shots):
         shots[name]()
     return 0

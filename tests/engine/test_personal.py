@@ -87,6 +87,21 @@ def test_dirichlet_weights_sum_to_one_on_a_subset():
         dirichlet_weights(rng, 3, 2, 0.0)
 
 
+def test_added_lesions_are_hot_or_cold_spheres_in_the_head():
+    from napari_petdiff.engine.personal import add_random_lesions
+
+    ph = brain_phantom(dims=2, deformation_seed=4)
+    img = ph.activity / ph.activity[ph.brain_mask].mean()
+    seen = set()
+    for seed in range(6):
+        out, les = add_random_lesions(img, ph.grid, np.random.default_rng(seed))
+        assert 1 <= len(les) <= 3 and out.shape == img.shape and (out >= 0).all()
+        changed = out != img
+        assert changed.any() and (img[changed] > 0).all()  # only inside the head
+        seen |= {"hot" if le["contrast"] >= 1 else "cold" for le in les}
+    assert seen == {"hot", "cold"}
+
+
 def test_pseudo_pet_is_the_weighted_average():
     rng = np.random.default_rng(1)
     stack = rng.random((3, 2, 4, 4)).astype(np.float32)
@@ -147,8 +162,10 @@ def test_pipeline_stages_resume_and_card(tmp_path, base_prior):
         _drain(personalise(cfg, tgt.mr, tgt.grid, stages=("finetune",)))
     events, summary = _drain(personalise(cfg, tgt.mr, tgt.grid))  # the rest; registration is not redone
     assert "register" not in {e.stage for e in events}
-    weights = json.loads((tmp_path / "p" / "pseudo" / "weights.json").read_text())["weights"]
+    record = json.loads((tmp_path / "p" / "pseudo" / "weights.json").read_text())
+    weights = record["weights"]
     assert len(weights) == 4 and all(abs(sum(w) - 1) < 1e-9 and sum(v > 0 for v in w) == 2 for w in weights)
+    assert len(record["lesions"]) == 4
     prior = load_prior(summary["prior"])
     pers = prior.card["personalised"]
     assert ImageGrid.from_dict(pers["target_grid"]).matches(tgt.grid) and pers["base_prior"] == base_prior

@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--pseudo", type=int, default=64, help="number of pseudo-PET volumes (default 64)")
     p.add_argument("--subset", type=int, default=4, help="sources averaged per pseudo-PET (default 4)")
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of the weights (default 1)")
+    p.add_argument("--lesion-prob", type=float, default=0.5,
+                   help="fraction of pseudo-PETs given random hot/cold lesions, so the prior keeps PET-only "
+                        "lesions (default 0.5; 0 = anatomy only)")
     p.add_argument("--base-prior", default="brain-fdg-2d", help="prior to fine-tune (name or .safetensors path)")
     p.add_argument("--steps", type=int, default=800, help="fine-tuning steps (default 800)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
@@ -62,6 +65,7 @@ def cmd_personalise(args) -> int:
     cfg = PersonaliseConfig(out=args.out, name=args.name, sources=args.sources,
                             registration=RegistrationConfig(method=args.registration, threads=args.threads or 2),
                             n_pseudo=args.pseudo, subset_size=args.subset, alpha=args.alpha, seed=args.seed,
+                            lesion_prob=args.lesion_prob,
                             base_prior=args.base_prior, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                             threads=args.threads or 2)
     stages = tuple(s for s in STAGES if s in (args.stage or STAGES))

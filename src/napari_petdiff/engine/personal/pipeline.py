@@ -5,7 +5,9 @@ Stages, each inspectable on disk (NIfTI, viewable in napari) and resumable:
 1. ``register``: every source MR to the target MR (affine + demons); the source PET warped with
    the same field -> ``<out>/warped/<name>_pet.nii.gz`` (+ ``_mr``), ``registration.json``.
 2. ``pseudo``: ``n_pseudo`` Dirichlet-weighted averages of random subsets of the normalised
-   warped PETs -> ``<out>/pseudo/pseudo-NNNN.nii.gz``, weights in ``pseudo/weights.json``.
+   warped PETs, a fraction of them with random PET-only lesions painted in (without, the prior
+   learns this brain has none and erases a lesion the MR does not show) ->
+   ``<out>/pseudo/pseudo-NNNN.nii.gz``, weights and lesions in ``pseudo/weights.json``.
 3. ``finetune``: the base prior fine-tuned on slices of the pseudo-PETs with the shared training
    loop (checkpoints, resume, cancel) -> ``<out>/<name>.safetensors`` + card, whose
    ``personalised`` entry pins the target grid so it is never used on another subject's grid.
@@ -24,7 +26,7 @@ import numpy as np
 
 from ..grid import ImageGrid
 from ..run import CancelToken, Progress
-from .pseudo import dirichlet_weights, normalise_pet, pseudo_pet
+from .pseudo import add_random_lesions, dirichlet_weights, normalise_pet, pseudo_pet
 from .registration import RegistrationConfig, register
 from .subjects import load_subjects
 
@@ -41,6 +43,7 @@ class PersonaliseConfig:
     n_pseudo: int = 64
     subset_size: int = 4
     alpha: float = 1.0
+    lesion_prob: float = 0.5           # pseudo-PETs given random PET-only lesions (keeps the prior able to show them)
     seed: int = 0
     base_prior: str = "brain-fdg-2d"
     steps: int = 600
@@ -56,6 +59,8 @@ class PersonaliseConfig:
             raise ValueError(f"n_pseudo must be >= 1; got {self.n_pseudo}")
         if self.subset_size < 1:
             raise ValueError(f"subset_size must be >= 1; got {self.subset_size}")
+        if not 0.0 <= self.lesion_prob <= 1.0:
+            raise ValueError(f"lesion_prob must be a probability in [0, 1]; got {self.lesion_prob}")
         if not (np.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha (Dirichlet concentration) must be > 0; got {self.alpha}")
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -86,7 +91,8 @@ class PersonaliseConfig:
         """The settings an output of ``stage`` depends on (a mismatch means the outputs are stale)."""
         d = self.to_dict()
         keys = {"register": ["sources", "source_seed", "registration"],
-                "pseudo": ["sources", "source_seed", "registration", "n_pseudo", "subset_size", "alpha", "seed"]}
+                "pseudo": ["sources", "source_seed", "registration", "n_pseudo", "subset_size", "alpha", "lesion_prob",
+                           "seed"]}
         if stage in keys:
             return {k: d[k] for k in keys[stage]}
         # steps may grow: a finished fine-tune continues from its checkpoint up to the new number
@@ -207,15 +213,24 @@ def _pseudo_stage(w: _Workdir, grid, cancel):
     rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 11]))
     weights = [dirichlet_weights(rng, len(names), min(cfg.subset_size, len(names)), cfg.alpha)
                for _ in range(cfg.n_pseudo)]  # drawn up front: a resumed run writes the same images
+    lesions = []
     for q, wq in enumerate(weights):
         if q % 8 == 0:
             yield Progress(q, cfg.n_pseudo, message="pseudo-PETs", stage="pseudo")
             if cancel is not None:
                 cancel.raise_if_cancelled()
+        img = pseudo_pet(stack, wq)
+        # one generator per image: the same image whether or not earlier ones were written before a stop
+        lrng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 13, q]))
+        les = []
+        if lrng.random() < cfg.lesion_prob:
+            img, les = add_random_lesions(img, grid, lrng)
+        lesions.append(les)
         path = pdir / f"pseudo-{q:04d}.nii.gz"
         if not path.exists():
-            write_nifti(path, pseudo_pet(stack, wq), grid)
-    (pdir / "weights.json").write_text(json.dumps({"sources": names, "weights": [list(map(float, v)) for v in weights]}))
+            write_nifti(path, img, grid)
+    (pdir / "weights.json").write_text(json.dumps({"sources": names, "weights": [list(map(float, v)) for v in weights],
+                                                   "lesions": lesions}))
     w.mark("pseudo", True, count=cfg.n_pseudo, sources=names)
     yield Progress(cfg.n_pseudo, cfg.n_pseudo, message="pseudo-PETs done", stage="pseudo")
 
@@ -238,6 +253,7 @@ def finetune_config(cfg: PersonaliseConfig, root: Path, grid: ImageGrid, target_
         card_extra={"personalised": {"base_prior": cfg.base_prior, "target_grid": grid.to_dict(),
                                      "target_mr_sha256": target_sha, "sources": sources,
                                      "n_pseudo": cfg.n_pseudo, "subset_size": cfg.subset_size, "alpha": cfg.alpha,
+                                     "lesion_prob": cfg.lesion_prob,
                                      "registration": cfg.registration.to_dict()}},
     )
     tc.data.source = f"nifti:{root / 'pseudo'}"

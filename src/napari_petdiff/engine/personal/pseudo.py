@@ -40,3 +40,22 @@ def pseudo_pet(warped: np.ndarray, weights: np.ndarray) -> np.ndarray:
         raise ValueError(f"pseudo_pet needs an (S, z, y, x) stack and S weights; got {warped.shape} and "
                          f"{weights.shape}")
     return np.tensordot(weights.astype(np.float32), warped, axes=1)
+
+
+def add_random_lesions(img: np.ndarray, grid, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    """``img`` with 1-3 random hot or cold spheres (the generic prior's lesion model), and their records.
+
+    Pseudo-PETs share the target's MR anatomy and average the sources' lesions away, so a prior
+    fine-tuned on them alone learns that this brain has none, and erases a PET-only lesion. GM and
+    WM levels are read off the image (90th and 30th percentiles of the head support).
+    """
+    from ..phantoms.phantom import paint_lesions
+    from ..phantoms.training import random_lesions
+
+    support = img > 0.05 * float(img.max())
+    if not support.any():
+        return img, []
+    gm, wm = (float(np.percentile(img[support], q)) for q in (90, 30))
+    lesions = random_lesions(rng, grid, support & (img > 0.8 * wm), min(grid.voxel_size))
+    out, _ = paint_lesions(img, support, lesions, grid, gm, wm, require_inside=False)
+    return out.astype(np.float32), [les.to_dict() for les in lesions]

@@ -39,17 +39,26 @@ class SamplingParams:
 
 
 _PRIOR_CACHE: dict = {}
+_PRIOR_STAMPS: dict = {}  # key -> the files' (path, size, mtimes) when cached
 
 
 def get_prior(name: str, device):
     from ..diffusion.io import load_prior, prior_stamp
 
-    # keyed by the files' identity, not the name: a prior re-exported (or damaged) at the same path is re-read
-    key = (prior_stamp(name), str(device))
-    if key not in _PRIOR_CACHE:
+    key = (name, str(device))
+    hit = _PRIOR_CACHE.get(key)
+    try:
+        stamp = prior_stamp(name)
+    except (ValueError, FileNotFoundError):
+        if hit is not None:
+            return hit  # placed in the cache in memory (tests, embedding applications)
+        raise
+    # a prior re-exported (or damaged) at the same path since it was cached is read again
+    if hit is None or _PRIOR_STAMPS.get(key) != stamp:
         if len(_PRIOR_CACHE) > 4:
             _PRIOR_CACHE.clear()
         _PRIOR_CACHE[key] = load_prior(name, device=device)
+        _PRIOR_STAMPS[key] = stamp
     return _PRIOR_CACHE[key]
 
 
