@@ -68,6 +68,9 @@ def sweeps(steps: int, quick: bool):
                     dict(epochs=20, subsets=8)),
         "PET-LiSch": ("lisch", "target_iteration", [8.0] if quick else [4.0, 8.0, 16.0], diff),
         "LiSch+SCD": ("lisch-scd", "target_iteration", [8.0] if quick else [4.0, 8.0, 16.0], diff),
+        # stronger steering: the adapters move at every step with a 10x larger learning rate
+        "LiSch+SCD strong": ("lisch-scd", "target_iteration", [8.0] if quick else [8.0, 16.0],
+                             dict(diff, adapt_every=1, lr=3e-3)),
         "DDIP-HQS": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3, 1.0, 3.0], diff),
         **({"DDIP-HQS + MR": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3, 1.0], dict(diff, prior=MR_PRIOR))}
            if has_mr_prior() else {}),
@@ -198,7 +201,7 @@ def figure(args, shown):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["truth", "OSEM", "MAP-RDP", "PET-LiSch", "LiSch+SCD", "DDIP-HQS"] + \
+    names = ["truth", "OSEM", "MAP-RDP", "PET-LiSch", "LiSch+SCD", "LiSch+SCD strong", "DDIP-HQS"] + \
         (["DDIP-HQS + MR"] if has_mr_prior() else []) + (["PET-DEFT"] if has_deft() else [])
     fig, axes = plt.subplots(len(args.counts), len(names), figsize=(2.0 * len(names), 2.1 * len(args.counts)))
     axes = np.atleast_2d(axes)

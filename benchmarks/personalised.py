@@ -139,6 +139,11 @@ def bench_priors(args) -> dict:
     ablation = WORK_NO_LESIONS / "personalised-bench.safetensors"
     if ablation.exists():
         priors["personalised, no lesions added"] = str(ablation)
+    for item in args.extra or []:
+        label, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--extra takes LABEL=PRIOR_PATH; got {item!r}")
+        priors[label] = path
     return priors
 
 
@@ -224,13 +229,15 @@ def run_bench(args):
     keys = ["NRMSE", "SSIM", "CRC hot", "CRC cold", "GM/WM CR", "WM CoV"]
     lines = ["### Personalised prior against the generic prior on one target subject", "",
              f"{machine()}. Command: `python benchmarks/personalised.py bench --realisations {args.realisations} "
-             f"--diffusion-steps {args.diffusion_steps}{' --quick' if args.quick else ''}`. Personalised prior: "
+             f"--diffusion-steps {args.diffusion_steps}{' --quick' if args.quick else ''}"
+             f"{''.join(f' --extra {e!r}' for e in args.extra or [])}`. Personalised prior: "
              f"brain-fdg-2d fine-tuned for {card.get('steps')} steps ({card.get('wall_time_s', 0) / 60:.0f} min) on "
              f"{card['personalised']['n_pseudo']} pseudo-PETs (Dirichlet alpha {card['personalised']['alpha']:g}, "
              f"subsets of {card['personalised']['subset_size']} of {len(card['personalised']['sources'])} sources, "
              f"{card['personalised']['registration']['method']} registration, random lesions added to "
              f"{card['personalised'].get('lesion_prob', 0):.0%} of them); built with `python benchmarks/personalised.py "
-             f"build`{'; the ablation without added lesions with `build --lesion-prob 0 --work ' + str(WORK_NO_LESIONS.relative_to(ROOT)) + '`' if len(priors) > 2 else ''}. Target: central slice of the slab, background fraction 0.3, "
+             f"build`{'; the ablation without added lesions with `build --lesion-prob 0 --work ' + str(WORK_NO_LESIONS.relative_to(ROOT)) + '`' if 'personalised, no lesions added' in priors else ''}"
+             f"{''.join(f'; {k}: `{v}`' for k, v in priors.items() if k not in ('generic', 'personalised', 'personalised, no lesions added'))}. Target: central slice of the slab, background fraction 0.3, "
              f"{args.realisations} noise realisations; mean ± std at the sweep-best parameter (by NRMSE); diffusion "
              f"methods: mean of 4 posterior samples, {args.diffusion_steps} DDIM steps. CRC: lesion contrast "
              "recovery against lesion-free WM; GM/WM CR: (GM/WM - 1) recovered relative to the truth's; WM CoV: "
@@ -306,6 +313,9 @@ def main():
     b.add_argument("--diffusion-steps", type=int, default=25)
     b.add_argument("--jobs", type=int, default=2)
     b.add_argument("--quick", action="store_true")
+    b.add_argument("--extra", action="append", metavar="LABEL=PATH",
+                   help="another prior to compare, e.g. 'personalised, 200 steps=training/personalised-bench-200/"
+                        "personalised-bench.safetensors'")
     args = ap.parse_args()
     if args.cmd == "registration":
         run_registration(args)

@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
                    help="fraction of pseudo-PETs given random hot/cold lesions, so the prior keeps PET-only "
                         "lesions (default 0.5; 0 = anatomy only)")
     p.add_argument("--base-prior", default="brain-fdg-2d", help="prior to fine-tune (name or .safetensors path)")
-    p.add_argument("--steps", type=int, default=800, help="fine-tuning steps (default 800)")
+    p.add_argument("--steps", type=int, default=200,
+                   help="fine-tuning steps (default 200; more = more of the MR anatomy, fewer PET-only findings)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

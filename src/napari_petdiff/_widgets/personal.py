@@ -115,7 +115,8 @@ class PersonaliseWidget(QWidget):
         self.n_pseudo, self.subset, self.steps = QSpinBox(), QSpinBox(), QSpinBox()
         for box, lo, hi, v, tip in ((self.n_pseudo, 1, 100000, 64, "pseudo-PET volumes"),
                                     (self.subset, 1, 1000, 4, "sources averaged per pseudo-PET"),
-                                    (self.steps, 1, 1000000, 800, "fine-tuning steps")):
+                                    (self.steps, 1, 1000000, 200,
+                                     "fine-tuning steps (more: more of the MR anatomy, fewer PET-only findings)")):
             box.setRange(lo, hi)
             box.setValue(v)
             box.setToolTip(tip)
