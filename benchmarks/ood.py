@@ -71,7 +71,12 @@ def sweeps(steps: int, quick: bool):
         # stronger steering: the adapters move at every step with a 10x larger learning rate
         "LiSch+SCD strong": ("lisch-scd", "target_iteration", [8.0] if quick else [8.0, 16.0],
                              dict(diff, adapt_every=1, lr=3e-3)),
+        # levers measured in the exploration of 2026-12-03: a small RDP term in SCD's adapter loss, and
+        # a rho that grows over the steps (data weight small early, large at the end)
+        "LiSch+SCD strong + RDP": ("lisch-scd", "target_iteration", [8.0] if quick else [8.0, 16.0],
+                                   dict(diff, adapt_every=1, lr=3e-3, rdp_weight=0.3)),
         "DDIP-HQS": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3, 1.0, 3.0], diff),
+        "DDIP-HQS rho x10": ("ddip-hqs", "rho", [0.1] if quick else [0.03, 0.1, 0.3], dict(diff, rho_growth=10.0)),
         **({"DDIP-HQS + MR": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3, 1.0], dict(diff, prior=MR_PRIOR))}
            if has_mr_prior() else {}),
         # supervised on FDG: does it carry FDG structure into data it was not trained for?
