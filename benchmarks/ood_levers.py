@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--counts", type=float, default=5e4)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # the workers run one thread each; the report says so
     tasks = [(i, args.case, args.counts) for i in range(len(LEVERS))]
     if args.jobs > 1:
         import multiprocessing as mp
