@@ -7,7 +7,7 @@ the effect of that one knob on this scan (noise realisations are not averaged: o
 realisation std at this case, about 0.002 NRMSE, is the scale to read them against).
 
 Usage: python benchmarks/ood_levers.py [--case amyloid|ring] [--counts 5e4] [--jobs 2]
-Writes the section ``ood-levers`` of docs/benchmarks.md.
+Writes the section ``ood-levers-<case>`` of docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def main():
                      f"{s['GM/WM error']:.3f}{extra} | {dt:.0f} ({dt / base_t[method]:.1f}x) |")
     md = "\n".join(lines)
     print(md)
-    write_section("ood-levers", md)
+    write_section(f"ood-levers-{args.case}", md)  # one section per case
 
 
 if __name__ == "__main__":
