@@ -111,15 +111,19 @@ def scores(x, truth, ph, rois):
     return out
 
 
+def scan(case: str, counts: float, r: int):
+    """Noise realisation r of a case: (phantom, ROIs, acquisition carrying the phantom's MR, truth)."""
+    ph, rois = phantom(case)
+    sim = simulate(ph.activity, ph.grid, geometry_for(ph.grid), ph.mu, counts=counts, background_fraction=0.3,
+                   seed=2000 + r)
+    return ph, rois, sim.acquisition.with_mr(ph.mr), sim.truth[0].numpy()
+
+
 def one_realisation(task):
     """Every method and sweep value on one noise realisation of a case."""
     case, counts, r, steps, quick = task
     torch.set_num_threads(1)
-    ph, rois = phantom(case)
-    sim = simulate(ph.activity, ph.grid, geometry_for(ph.grid), ph.mu, counts=counts, background_fraction=0.3,
-                   seed=2000 + r)
-    acq = sim.acquisition.with_mr(ph.mr)
-    truth = sim.truth[0].numpy()
+    ph, rois, acq, truth = scan(case, counts, r)
     res, imgs, times = {}, {}, {}
     for name, (method, pname, values, fixed) in sweeps(steps, quick).items():
         for v in values:

@@ -46,19 +46,14 @@ def run(task):
     torch.set_num_threads(1)
     import ood
     from napari_petdiff.engine import reconstruct
-    from napari_petdiff.engine.samples import geometry_for
-    from napari_petdiff.engine.simulate import simulate
 
     method, _, kw = LEVERS[i]
-    ph, rois = ood.phantom(case)
-    sim = simulate(ph.activity, ph.grid, geometry_for(ph.grid), ph.mu, counts=counts, background_fraction=0.3,
-                   seed=2000)  # ood.py's realisation 0
-    acq = sim.acquisition.with_mr(ph.mr)
+    ph, rois, acq, truth = ood.scan(case, counts, 0)  # ood.py's realisation 0
     t0 = time.perf_counter()
     out = reconstruct(acq, method, steps=25, samples=4, batch=4, **kw)
     dt = time.perf_counter() - t0
     print(f"{LEVERS[i][1]}: done in {dt:.0f} s", flush=True)
-    return i, ood.scores(out.mean[0].numpy(), sim.truth[0].numpy(), ph, rois), dt
+    return i, ood.scores(out.mean[0].numpy(), truth, ph, rois), dt
 
 
 def main():
