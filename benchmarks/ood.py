@@ -13,7 +13,11 @@ ratio itself (FDG-like contrast where the truth has none), for the ring the ring
 (does the prior erase a structure it never saw?).
 
 Usage: python benchmarks/ood.py --case amyloid|ring [--realisations 3] [--counts 5e4 3e5] [--steps 25]
+       [--methods NAME ... --tag TAG]
 Each case writes its own section of docs/benchmarks.md (so the two can run in parallel) and a figure.
+``--methods`` runs a subset of the rows (OSEM always, for the time ratios) into the separate section
+``ood-<case>-<tag>`` and figure ``ood_<case>_<tag>.png``: a new row measured against its baselines in
+the same run without rerunning the whole table.
 """
 from __future__ import annotations
 
@@ -77,11 +81,27 @@ def sweeps(steps: int, quick: bool):
                                    dict(diff, adapt_every=1, lr=3e-3, rdp_weight=0.3)),
         "DDIP-HQS": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3, 1.0, 3.0], diff),
         "DDIP-HQS rho x10": ("ddip-hqs", "rho", [0.1] if quick else [0.03, 0.1, 0.3], dict(diff, rho_growth=10.0)),
+        # measured on 2026-12-03: J = 2 EM iterations per x-step leave high-count data under-fitted, and
+        # with an RDP term in the x-step (MAP-RDP's as rho -> 0) more iterations no longer amplify noise;
+        # rho matters little there (0.03-0.3 within 0.002 NRMSE), so the penalty weight is what is swept
+        "DDIP-HQS J 10": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3, 1.0], dict(diff, em_iterations=10)),
+        "DDIP-HQS J 10 + RDP": ("ddip-hqs", "rdp_weight", [0.02] if quick else [0.005, 0.01, 0.02, 0.05],
+                                dict(diff, em_iterations=10, rho=0.1)),
         **({"DDIP-HQS + MR": ("ddip-hqs", "rho", [0.3] if quick else [0.1, 0.3, 1.0], dict(diff, prior=MR_PRIOR))}
            if has_mr_prior() else {}),
         # supervised on FDG: does it carry FDG structure into data it was not trained for?
         **({"PET-DEFT": ("deft", "steps", [20], dict(samples=4, batch=4))} if has_deft() else {}),
     }
+
+
+def selected(steps: int, quick: bool, methods):
+    sw = sweeps(steps, quick)
+    if not methods:
+        return sw
+    unknown = [m for m in methods if m not in sw]
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {list(sw)}")
+    return {k: v for k, v in sw.items() if k == "OSEM" or k in methods}
 
 
 def has_mr_prior() -> bool:
@@ -121,11 +141,11 @@ def scan(case: str, counts: float, r: int):
 
 def one_realisation(task):
     """Every method and sweep value on one noise realisation of a case."""
-    case, counts, r, steps, quick = task
+    case, counts, r, steps, quick, methods = task
     torch.set_num_threads(1)
     ph, rois, acq, truth = scan(case, counts, r)
     res, imgs, times = {}, {}, {}
-    for name, (method, pname, values, fixed) in sweeps(steps, quick).items():
+    for name, (method, pname, values, fixed) in selected(steps, quick, methods).items():
         for v in values:
             t0 = time.perf_counter()
             out = reconstruct(acq, method, **{pname: v}, **fixed)
@@ -144,9 +164,15 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", nargs="+", help="only these rows (and OSEM); needs --tag")
+    ap.add_argument("--tag", help="section and figure suffix for a --methods run")
     args = ap.parse_args()
+    if bool(args.methods) != bool(args.tag):
+        ap.error("--methods and --tag go together (a subset must not overwrite the full table)")
+    selected(args.steps, args.quick, args.methods)  # unknown names fail before any work
     torch.set_num_threads(1)
-    tasks = [(args.case, c, r, args.steps, args.quick) for c in args.counts for r in range(args.realisations)]
+    tasks = [(args.case, c, r, args.steps, args.quick, args.methods) for c in args.counts
+             for r in range(args.realisations)]
     if args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -155,7 +181,7 @@ def main():
             done = list(pool.map(one_realisation, tasks))
     else:
         done = [one_realisation(t) for t in tasks]
-    sw = sweeps(args.steps, args.quick)
+    sw = selected(args.steps, args.quick, args.methods)
     rows, shown, timing = [], {}, {}
     for counts in args.counts:
         runs = sorted((d for d in done if d[0] == counts), key=lambda d: d[1])
@@ -171,7 +197,7 @@ def main():
                 timing.setdefault(name, []).extend(d[4][name])
         shown[(counts, "truth")] = runs[0][5]
     write_report(args, rows, timing)
-    figure(args, shown)
+    figure(args, shown, list(sw))
 
 
 def write_report(args, rows, timing):
@@ -179,12 +205,14 @@ def write_report(args, rows, timing):
 
     card = get_prior("brain-fdg-2d", torch.device("cpu")).card
     extra = " | ring CRC" if args.case == "ring" else ""
+    suffix = f"_{args.tag}" if args.tag else ""
     title = {"amyloid": "amyloid-like tracer (GM/WM 0.6; the prior saw FDG, 2.5-5)",
              "ring": "FDG with a hot ring through the white matter (no training image has one)"}[args.case]
-    lines = [f"### OOD: {title}", "",
+    lines = [f"### OOD{f' ({args.tag} rows)' if args.tag else ''}: {title}", "",
              f"Prior brain-fdg-2d after {card.get('steps')} steps. {machine()}. Command: `python benchmarks/ood.py "
              f"--case {args.case} --realisations {args.realisations} --steps {args.steps}"
-             f"{' --quick' if args.quick else ''}`. Held-out subject (deformation seed {SUBJECT}), background "
+             f"{' --quick' if args.quick else ''}"
+             f"{' --methods ' + ' '.join(repr(m) for m in args.methods) + ' --tag ' + args.tag if args.tag else ''}`. Held-out subject (deformation seed {SUBJECT}), background "
              f"fraction 0.3, {args.realisations} noise realisations; mean ± std over realisations at the sweep-best "
              f"parameter (by NRMSE); diffusion methods: mean of 4 posterior samples, {args.steps} DDIM steps. GM/WM: mean "
              "over voxels with tissue fraction > 0.8 (ring excluded).", "",
@@ -199,19 +227,20 @@ def write_report(args, rows, timing):
     t_osem = float(np.median(timing["OSEM"]))
     lines += ["", "Median seconds per reconstruction (ratio to OSEM): " + ", ".join(
         f"{n} {np.median(t):.1f} s ({np.median(t) / t_osem:.0f}x)" for n, t in timing.items()), "",
-        f"![{args.case}](figures/ood_{args.case}.png)"]
+        f"![{args.case}](figures/ood_{args.case}{suffix}.png)"]
     md = "\n".join(lines)
     print(md)
-    write_section(f"ood-{args.case}", md)
+    write_section(f"ood-{args.case}" + (f"-{args.tag}" if args.tag else ""), md)
 
 
-def figure(args, shown):
+def figure(args, shown, rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["truth", "OSEM", "MAP-RDP", "PET-LiSch", "LiSch+SCD", "LiSch+SCD strong", "DDIP-HQS"] + \
-        (["DDIP-HQS + MR"] if has_mr_prior() else []) + (["PET-DEFT"] if has_deft() else [])
+    # the full table's figure leaves out the lever rows (they differ little from their base rows)
+    levers = {"LiSch+SCD strong + RDP", "DDIP-HQS rho x10"}
+    names = ["truth"] + [n for n in rows if args.tag or n not in levers]
     fig, axes = plt.subplots(len(args.counts), len(names), figsize=(2.0 * len(names), 2.1 * len(args.counts)))
     axes = np.atleast_2d(axes)
     for i, c in enumerate(args.counts):
@@ -226,7 +255,7 @@ def figure(args, shown):
                 ax.set_ylabel(f"{c:.0e} trues", fontsize=9)
     fig.suptitle(f"FDG prior on out-of-distribution data: {args.case}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(FIG / f"ood_{args.case}.png", dpi=80)
+    fig.savefig(FIG / f"ood_{args.case}{f'_{args.tag}' if args.tag else ''}.png", dpi=80)
     plt.close(fig)
 
 

@@ -96,6 +96,54 @@ def test_hqs_x_step_solves_its_subproblem(small_acq):
     assert float(g[inside].abs().max() / scale) < 1e-3
 
 
+def test_hqs_x_step_with_rdp_climbs_to_the_penalised_optimum(small_acq):
+    """With an RDP term the x-step still climbs, and its fixed point is stationary for
+    L - rho/2 ||x - z||^2 - beta R; at rho = 0 that is MAP-RDP's optimum, which BSREM reaches too."""
+    from napari_petdiff.engine.rdp import RDP
+    from napari_petdiff.engine.samplers.ddip import penalised_em_prox
+
+    acq = small_acq.acquisition
+    lik = PoissonLikelihood(acq)
+    rdp = RDP(acq.grid.voxel_size, is_2d=True)
+    beta = 0.3 * float(lik.sensitivity[lik.fov].mean())
+    z = lik.mask(small_acq.truth.clone())
+    fixed = {}
+    for rho_f in (0.0, 0.5):
+        rho = rho_f * lik.sensitivity / z.max()
+
+        def objective(x):
+            return float(lik.value(x)) - float((rho * (x - z) ** 2).sum()) / 2 - beta * float(rdp.value(x))
+
+        x = lik.uniform_image()
+        vals = [objective(x)]
+        for _ in range(400):
+            x = penalised_em_prox(lik, x, z, rho, rdp, beta)
+            vals.append(objective(x))
+        assert min(np.diff(vals)) > -1e-6 * abs(vals[-1]) and vals[-1] > vals[0]
+        g = lik.gradient(x) - rho * (x - z) - beta * rdp.gradient(x)
+        inside = lik.fov & (x > 1e-3 * x.max())
+        assert float(g[inside].abs().max() / lik.sensitivity[inside].mean()) < 1e-3
+        fixed[rho_f] = x
+    bsrem = reconstruct(acq, "map-rdp", beta=beta, epochs=200, subsets=1).mean
+    assert float((bsrem - fixed[0.0]).norm() / fixed[0.0].norm()) < 0.01
+    # the pull toward z moves the optimum toward z
+    assert float((fixed[0.5] - z).norm()) < float((fixed[0.0] - z).norm())
+    # without the penalty the step is em_prox itself
+    torch.testing.assert_close(penalised_em_prox(lik, z, z, 1.0, rdp, 0.0), lik.em_prox(z, z, 1.0))
+
+
+def test_ddip_rdp_weight_smooths_and_is_validated(small_acq, use_tiny):
+    from napari_petdiff.engine.rdp import RDP
+
+    rdp = RDP(small_acq.acquisition.grid.voxel_size, is_2d=True)
+    kw = dict(prior=use_tiny, steps=4, samples=1, fit_iterations=1, seed=0)
+    plain = reconstruct(small_acq.acquisition, "ddip-hqs", **kw).mean
+    smooth = reconstruct(small_acq.acquisition, "ddip-hqs", rdp_weight=1.0, **kw).mean
+    assert float(rdp.value(smooth) / smooth.sum()) < 0.8 * float(rdp.value(plain) / plain.sum())
+    with pytest.raises(ValueError, match="rdp_weight"):
+        make_params(get_method("ddip-hqs").params, {"rdp_weight": -0.1})
+
+
 def test_ddip_and_scd_run_reproducibly_with_samples_and_progress(small_acq, use_tiny):
     for name, extra in [("ddip-hqs", dict(fit_iterations=2)),
                         ("lisch-scd", dict(fit_iterations=2, adapt_every=2, target_iteration=5.0))]:
