@@ -48,7 +48,7 @@ class DDIPParams(AdaptationParams, SamplingParams):
 
 
 def penalised_em_prox(lik, x, anchor, rho, rdp: RDP | None = None, beta: float = 0.0):
-    """One x-step iteration: maximise the EM surrogate of L minus rho/2 ||x - anchor||^2 + beta R(x).
+    """One x-step iteration: maximise the EM surrogate of L - rho/2 ||x - anchor||^2 - beta R(x).
 
     R is replaced by its separable quadratic expansion at x (gradient g, Nuyts' diagonal
     curvature c), which merges with the proximal quadratic into one: weight rho + beta c, anchor
