@@ -205,7 +205,6 @@ def write_report(args, rows, timing):
 
     card = get_prior("brain-fdg-2d", torch.device("cpu")).card
     extra = " | ring CRC" if args.case == "ring" else ""
-    suffix = f"_{args.tag}" if args.tag else ""
     title = {"amyloid": "amyloid-like tracer (GM/WM 0.6; the prior saw FDG, 2.5-5)",
              "ring": "FDG with a hot ring through the white matter (no training image has one)"}[args.case]
     lines = [f"### OOD{f' ({args.tag} rows)' if args.tag else ''}: {title}", "",
@@ -227,10 +226,14 @@ def write_report(args, rows, timing):
     t_osem = float(np.median(timing["OSEM"]))
     lines += ["", "Median seconds per reconstruction (ratio to OSEM): " + ", ".join(
         f"{n} {np.median(t):.1f} s ({np.median(t) / t_osem:.0f}x)" for n, t in timing.items()), "",
-        f"![{args.case}](figures/ood_{args.case}{suffix}.png)"]
+        f"![{args.case}](figures/{figure_name(args)})"]
     md = "\n".join(lines)
     print(md)
     write_section(f"ood-{args.case}" + (f"-{args.tag}" if args.tag else ""), md)
+
+
+def figure_name(args) -> str:
+    return f"ood_{args.case}{f'_{args.tag}' if args.tag else ''}.png"
 
 
 def figure(args, shown, rows):
@@ -255,7 +258,7 @@ def figure(args, shown, rows):
                 ax.set_ylabel(f"{c:.0e} trues", fontsize=9)
     fig.suptitle(f"FDG prior on out-of-distribution data: {args.case}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(FIG / f"ood_{args.case}{f'_{args.tag}' if args.tag else ''}.png", dpi=80)
+    fig.savefig(FIG / figure_name(args), dpi=80)
     plt.close(fig)
 
 
