@@ -1,12 +1,12 @@
 """Benchmark and figures of a slice prior (default: the shipped brain-fdg-2d).
 
     python benchmarks/prior.py bench   [--prior NAME|PATH] [--quick]  -> table in docs/benchmarks.md
-    python benchmarks/prior.py samples [--n 16] [--steps 50]           -> docs/figures/prior_samples.png
+    python benchmarks/prior.py samples [--n 16] [--steps 50]           -> docs/figures/prior_samples.png (eta 0 and 1)
     python benchmarks/prior.py loss    [--csv training/brain-fdg-2d/loss.csv] -> docs/figures/prior_loss.png
 
 bench measures (i) Tweedie denoising of held-out phantom slices (deformation seeds never used in
 training) against the best Gaussian filter per noise level, (ii) intensity statistics of 50-step
-DDIM samples against training slices, (iii) sampling time per image.
+DDIM samples (eta 0 and eta 1) against training slices, (iii) sampling time per image.
 """
 from __future__ import annotations
 
@@ -139,10 +139,13 @@ def bench(args) -> None:
     t0 = time.perf_counter()
     samples = ddim_samples(prior, n_s, steps=50, batch=8, cond=ref_mr)
     t_batch = (time.perf_counter() - t0) / n_s
+    # eta 1 (ancestral) from the same noise: fresh noise at every step corrects the layout errors that
+    # a deterministic eta-0 path carries from the high-noise steps to the end
+    samples_1 = ddim_samples(prior, n_s, steps=50, eta=1.0, batch=8, cond=ref_mr)
     t0 = time.perf_counter()
     ddim_samples(prior, 1, steps=50, batch=1, cond=None if ref_mr is None else ref_mr[:1])
     t_single = time.perf_counter() - t0
-    st_s, st_t = image_stats(samples), image_stats(train_imgs)
+    st_s, st_1, st_t = image_stats(samples), image_stats(samples_1), image_stats(train_imgs)
 
     card = prior.card
     start, end = markers(prior.name)
@@ -166,21 +169,22 @@ def bench(args) -> None:
         lines.append(f"| {eff:.2f} | {t} | {mn:.4f} | {mg:.4f} ({sg:g}) | {mt:.4f} | {mg / mt:.2f}x |{extra}")
     lines += [
         "",
-        f"50-step DDIM (eta 0, x0 clipped to [0, 10] at every step) "
-        f"{'samples given held-out MR slices' if conditional else 'unconditional samples'} ({n_s}) vs held-out "
-        f"phantom slices ({len(train_imgs)}), median [10th, 90th percentile] per image. The support is "
+        f"50-step DDIM (x0 clipped to [0, 10] at every step; eta 0 deterministic, eta 1 ancestral, the same "
+        f"initial noise) {'samples given held-out MR slices' if conditional else 'unconditional samples'} ({n_s}) "
+        f"vs held-out phantom slices ({len(train_imgs)}), median [10th, 90th percentile] per image. The support is "
         "'pixels above 20 % of the image's 99.5th percentile', so stray background activity in a sample also "
         "lowers its 25th percentile:",
         "",
-        "| statistic | samples | phantom slices |",
-        "|---|---|---|",
-        f"| 90th / 25th percentile in the support (GM:WM-like contrast) | {fmt_q(st_s['hi_lo'])} | "
-        f"{fmt_q(st_t['hi_lo'])} |",
-        f"| mean over support (normalised; training 0.5-1.5) | {fmt_q(st_s['support_mean'])} | "
-        f"{fmt_q(st_t['support_mean'])} |",
-        f"| background mean abs / support mean | {fmt_q(st_s['bg'])} | {fmt_q(st_t['bg'])} |",
-        f"| support area (pixels above 20 % of the 99.5th percentile) | {fmt_q(st_s['area'], 0)} | "
-        f"{fmt_q(st_t['area'], 0)} |",
+        "| statistic | samples, eta 0 | samples, eta 1 | phantom slices |",
+        "|---|---|---|---|",
+    ]
+    for label, key, digits in (("90th / 25th percentile in the support (GM:WM-like contrast)", "hi_lo", 2),
+                               ("mean over support (normalised; training 0.5-1.5)", "support_mean", 2),
+                               ("background mean abs / support mean", "bg", 2),
+                               ("support area (pixels above 20 % of the 99.5th percentile)", "area", 0)):
+        lines.append(f"| {label} | {fmt_q(st_s[key], digits)} | {fmt_q(st_1[key], digits)} | "
+                     f"{fmt_q(st_t[key], digits)} |")
+    lines += [
         "",
         f"Sampling time, 50 DDIM steps at {prior.image_size}x{prior.image_size}, {args.threads} thread(s), "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: {t_single:.1f} s per image at batch 1, {t_batch:.1f} s per image at batch 8.",
@@ -214,24 +218,30 @@ def samples_figure(args) -> None:
     if prior.cond_channels:
         return conditional_samples_figure(args, prior, plt)
     t0 = time.perf_counter()
-    s = ddim_samples(prior, args.n, steps=args.steps, seed=args.seed, clip=args.clip)
+    s0 = ddim_samples(prior, args.n, steps=args.steps, seed=args.seed, clip=args.clip)
     dt_s = time.perf_counter() - t0
+    s1 = ddim_samples(prior, args.n, steps=args.steps, eta=1.0, seed=args.seed, clip=args.clip)
     ref = held_out_slices(4, prior)
     cols = 8
-    rows = int(np.ceil(args.n / cols)) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.18))
+    per = int(np.ceil(args.n / cols))
+    fig, axes = plt.subplots(2 * per + 1, cols, figsize=(cols * 1.1, (2 * per + 1) * 1.18))
     for ax in axes.ravel():
         ax.axis("off")
-    for i in range(args.n):
-        ax = axes[i // cols, i % cols]
-        ax.imshow(s[i, 0].numpy(), cmap="gray_r", vmin=0, vmax=float(np.percentile(s[i, 0].numpy(), 99.7)) or 1)
+    for block, s in enumerate((s0, s1)):
+        for i in range(args.n):
+            im = s[i, 0].numpy()
+            axes[block * per + i // cols, i % cols].imshow(im, cmap="gray_r", vmin=0,
+                                                           vmax=max(float(np.percentile(im, 99.7)), 1e-3))
+        axes[block * per, 0].set_title(f"eta {block}", fontsize=6, loc="left")
     for j in range(4):
         axes[-1, j].imshow(ref[j, 0].numpy(), cmap="gray_r", vmin=0)
     axes[-1, 0].set_title("held-out phantom slices", fontsize=6, loc="left")
-    fig.suptitle(f"{prior.name}: {args.n} unconditional {args.steps}-step DDIM samples "
-                 f"(step {prior.card.get('steps', '?')}, x0 clip [0, {args.clip:g}]); last row: phantoms", fontsize=7)
-    plt.subplots_adjust(wspace=0.03, hspace=0.08, left=0.01, right=0.99, bottom=0.01, top=0.93)
-    _save(fig, "prior_samples.png", f"{dt_s / args.n:.2f} s per sample; min {float(s.min()):.2f} max {float(s.max()):.2f}")
+    fig.suptitle(f"{prior.name} (step {prior.card.get('steps', '?')}): {args.n} unconditional {args.steps}-step "
+                 f"samples from the same noise, DDIM eta 0 (top) and eta 1 (middle), x0 clip [0, {args.clip:g}]; "
+                 "last row: phantoms", fontsize=6)
+    plt.subplots_adjust(wspace=0.03, hspace=0.12, left=0.01, right=0.99, bottom=0.01, top=0.93)
+    _save(fig, "prior_samples.png", f"{dt_s / args.n:.2f} s per eta-0 sample; eta 1 min {float(s1.min()):.2f} "
+          f"max {float(s1.max()):.2f}")
 
 
 def conditional_samples_figure(args, prior, plt) -> None:
