@@ -227,12 +227,12 @@ def samples_figure(args) -> None:
     fig, axes = plt.subplots(2 * per + 1, cols, figsize=(cols * 1.1, (2 * per + 1) * 1.18))
     for ax in axes.ravel():
         ax.axis("off")
-    for block, s in enumerate((s0, s1)):
+    for block, (eta, s) in enumerate(((0, s0), (1, s1))):
         for i in range(args.n):
             im = s[i, 0].numpy()
             axes[block * per + i // cols, i % cols].imshow(im, cmap="gray_r", vmin=0,
                                                            vmax=max(float(np.percentile(im, 99.7)), 1e-3))
-        axes[block * per, 0].set_title(f"eta {block}", fontsize=6, loc="left")
+        axes[block * per, 0].set_title(f"eta {eta}", fontsize=6, loc="left")
     for j in range(4):
         axes[-1, j].imshow(ref[j, 0].numpy(), cmap="gray_r", vmin=0)
     axes[-1, 0].set_title("held-out phantom slices", fontsize=6, loc="left")
